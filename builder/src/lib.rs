@@ -1,7 +1,26 @@
 //! ncimage: builds per-role, LUKS2-encrypted Debian 13 images for a Nextcloud cluster and
 //! proves them under QEMU. One module per concern; the CLI (main.rs) only parses and dispatches.
+//! See ARCHITECTURE.md for the map.
 
+pub mod build;
+pub mod disk;
 pub mod error;
+pub mod export;
+pub mod fat;
+pub mod firstboot;
+pub mod fs;
+pub mod interrupt;
+pub mod layer;
+pub mod luks;
+pub mod overlay;
+pub mod progress;
+pub mod qemu;
+pub mod rootfs;
+pub mod secrets;
+pub mod seed;
+pub mod spec;
+pub mod template;
 pub mod tools;
+pub mod vmtest;
 
 pub use error::{Error, Result};

@@ -1,1 +1,130 @@
-fn main() {}
+//! The ncimage command line: parses and dispatches; the work is in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use ncimage::layer::Project;
+use ncimage::qemu::Firmware;
+use ncimage::{build, firstboot, interrupt, rootfs, spec::Spec, vmtest};
+
+#[derive(Parser)]
+#[command(name = "ncimage", version, about = "Builds and proves the per-role VM images of an encrypted Nextcloud cluster")]
+struct Cli {
+    /// Log more (repeat for debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Folder holding roles/ and overlays/ (default: found from the current folder).
+    #[arg(long, global = true, env = "NCIMAGE_PROJECT")]
+    project: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the image of one role.
+    Build {
+        #[arg(long)]
+        role: String,
+        /// Image spec (TOML); default: the embedded image-specs/default.toml.
+        #[arg(long)]
+        spec: Option<PathBuf>,
+        /// Output folder (replaced atomically); default: out/<role>.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// No progress output.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Boot a built image under QEMU with a fresh seed and assert its checks.
+    Test {
+        #[arg(long)]
+        role: String,
+        /// Folder of the built image; default: out/<role>.
+        #[arg(long)]
+        image: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "uefi")]
+        firmware: Firmware,
+        /// Seconds to wait for the guest to be ready.
+        #[arg(long, default_value_t = 420)]
+        timeout: u64,
+        #[arg(long, default_value_t = 2048)]
+        memory: u32,
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// List the roles (folders under roles/).
+    Roles,
+    /// In the guest: render this node's files from its seed (run by ncimage-firstboot.service).
+    Firstboot {
+        /// Root of the system to configure.
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| filter.into()))
+        .with_writer(std::io::stderr)
+        .init();
+    interrupt::install();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{:?}", miette::Report::new(e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> ncimage::Result<()> {
+    match cli.command {
+        Cmd::Build { role, spec, out, quiet } => {
+            let spec = Spec::load(spec.as_deref())?;
+            let project = Project::locate(cli.project.as_deref())?;
+            let out = out.unwrap_or_else(|| PathBuf::from("out").join(&role));
+            let guest_binary = std::env::current_exe().map_err(ncimage::Error::io("locating", "the ncimage binary"))?;
+            let m = build::build(&build::Options { role, spec, project, out: out.clone(), cache: rootfs::cache_dir(), guest_binary, quiet })?;
+            if !quiet {
+                println!("built {} in {}", m.role, out.display());
+                for a in &m.artifacts {
+                    println!("  {} {:>6} MiB ({} MiB allocated) sha256 {}", a.file, a.size_bytes >> 20, a.allocated_bytes >> 20, &a.sha256[..16]);
+                }
+                let total: f64 = m.timings_seconds.0.values().sum();
+                println!("  stages: {} (total {total:.1} s)", m.timings_seconds.0.iter().map(|(k, v)| format!("{k} {v:.1} s")).collect::<Vec<_>>().join(", "));
+            }
+            Ok(())
+        }
+        Cmd::Test { role, image, firmware, timeout, memory, cpus, quiet } => {
+            let project = Project::locate(cli.project.as_deref())?;
+            let image_dir = image.unwrap_or_else(|| PathBuf::from("out").join(&role));
+            vmtest::run(&vmtest::Options { role, project, image_dir, firmware, timeout: Duration::from_secs(timeout), memory_mib: memory, cpus, quiet })?;
+            Ok(())
+        }
+        Cmd::Roles => {
+            let project = Project::locate(cli.project.as_deref())?;
+            for r in project.roles() {
+                let layers = project.layers_for(&r)?;
+                let desc = layers.last().map(|l| l.manifest.description.lines().next().unwrap_or("").to_string()).unwrap_or_default();
+                println!("{r}\t{desc}");
+            }
+            Ok(())
+        }
+        Cmd::Firstboot { root } => {
+            let changed = firstboot::run(&firstboot::Paths::under(&root), root == PathBuf::from("/"))?;
+            println!("ncimage firstboot: {} file(s) rendered{}", changed.len(), if changed.is_empty() { String::new() } else { format!(": {}", changed.join(", ")) });
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,41 @@
+# ncimage recipes. `just` itself comes from `cargo install just --locked` (scripts/setup-host).
+
+role := "redis"
+
+# List the recipes.
+default:
+    @just --list
+
+# Install the host tools (apt, bookworm-backports, just).
+setup:
+    scripts/setup-host
+
+# Build the image of a role into out/<role>.
+build role=role:
+    cargo build --quiet --bin ncimage
+    ./target/debug/ncimage build --role {{role}}
+
+# Boot a built image under QEMU and assert its checks (firmware: uefi or bios).
+boot role=role firmware="uefi":
+    cargo build --quiet --bin ncimage
+    ./target/debug/ncimage test --role {{role}} --firmware {{firmware}}
+
+# Build and boot, as the README's first command.
+run role=role:
+    scripts/build-and-boot {{role}}
+
+# Every test, as CI runs it.
+test:
+    scripts/test
+
+# Fast tests only (unit and CLI, no QEMU).
+test-unit:
+    cargo test
+
+# The QEMU tests only (real builds and boots).
+test-qemu:
+    cargo test --test qemu -- --ignored --test-threads=1
+
+# Benchmarks: cold/warm/template-only builds, boot-to-ready, sizes.
+bench:
+    scripts/bench

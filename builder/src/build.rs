@@ -1,0 +1,286 @@
+//! The build pipeline for one role: spec -> rootfs -> overlay -> fs -> luks -> disk -> export.
+//! Everything is written under a temporary folder next to the output and renamed into place
+//! at the end: an interrupted or failed build leaves no artifact.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::export::{self, Artifact, Timings};
+use crate::layer::{self, Project};
+use crate::luks::LuksInfo;
+use crate::overlay;
+use crate::progress::Progress;
+use crate::rootfs::{self, Mirrors, Package};
+use crate::spec::Spec;
+use crate::{disk, fs, luks, tools};
+
+pub struct Options {
+    pub role: String,
+    pub spec: Spec,
+    pub project: Project,
+    /// Final folder of the artifacts (replaced atomically).
+    pub out: PathBuf,
+    pub cache: PathBuf,
+    /// The ncimage binary copied into the image (runs first boot in the guest).
+    pub guest_binary: PathBuf,
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Manifest {
+    pub ncimage_version: String,
+    pub role: String,
+    pub spec: SpecRef,
+    pub inputs: InputsRef,
+    pub filesystems: BTreeMap<String, FsInfo>,
+    pub luks: LuksInfo,
+    pub disk: disk::DiskLayout,
+    pub kernel_cmdline: String,
+    pub artifacts: Vec<Artifact>,
+    pub timings_seconds: Timings,
+    pub packages: Vec<Package>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SpecRef {
+    pub name: String,
+    pub source: String,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct InputsRef {
+    pub suite: String,
+    pub sources: Vec<String>,
+    pub packages_requested: Vec<String>,
+    pub layers: Vec<LayerRef>,
+    pub rootfs_cache_key: String,
+    pub rootfs_cached: bool,
+    pub source_date_epoch: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerRef {
+    pub name: String,
+    pub kind: layer::Kind,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FsInfo {
+    pub uuid: String,
+    pub size_bytes: u64,
+    pub sha256: String,
+}
+
+/// Stable identifiers for one spec and role: the same inputs give the same filesystems.
+pub struct Ids {
+    pub root_fs: String,
+    pub boot_fs: String,
+    pub luks: String,
+    pub disk_seed: [u8; 32],
+}
+
+impl Ids {
+    pub fn new(spec: &str, role: &str) -> Ids {
+        let h = |what: &str| -> [u8; 32] { Sha256::digest(format!("ncimage/{spec}/{role}/{what}").as_bytes()).into() };
+        Ids { root_fs: uuid(&h("root-fs")), boot_fs: uuid(&h("boot-fs")), luks: uuid(&h("luks")), disk_seed: h("disk") }
+    }
+}
+
+/// A version-4-shaped UUID from hash bytes.
+pub fn uuid(b: &[u8; 32]) -> String {
+    let mut u = [0u8; 16];
+    u.copy_from_slice(&b[..16]);
+    u[6] = (u[6] & 0x0f) | 0x40;
+    u[8] = (u[8] & 0x3f) | 0x80;
+    let x = hex::encode(u);
+    format!("{}-{}-{}-{}-{}", &x[..8], &x[8..12], &x[12..16], &x[16..20], &x[20..])
+}
+
+pub const BUILD_TOOLS: &[&str] = &["mmdebstrap", "mke2fs", "dumpe2fs", "cryptsetup", "sgdisk", "grub-mkimage", "qemu-img"];
+
+pub fn build(o: &Options) -> Result<Manifest> {
+    let layers = o.project.layers_for(&o.role)?;
+    let merged = layer::merge(&layers)?;
+    tools::require_all(BUILD_TOOLS)?;
+    let out_parent = o.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(out_parent).map_err(|e| Error::invalid(
+        format!("cannot create the output folder {}: {e}", out_parent.display()),
+        "choose a writable folder with --out",
+    ))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{}.tmp-", o.role))
+        .tempdir_in(out_parent)
+        .map_err(|e| Error::invalid(format!("cannot write in {}: {e}", out_parent.display()), "choose a writable folder with --out"))?;
+    let work = tmp.path().join("work");
+    std::fs::create_dir(&work).map_err(Error::io("creating", &work))?;
+    let mut p = Progress::new(o.quiet);
+    let ids = Ids::new(&o.spec.name, &o.role);
+    let epoch = o.spec.image.source_date_epoch;
+    let stem = format!("ncimage-{}", o.role);
+
+    // rootfs
+    let hooks: Vec<(String, PathBuf)> = layers
+        .iter()
+        .flat_map(|l| l.files("hooks").map(|v| v.into_iter().map(|(rel, p)| (format!("{}/{rel}", l.name), p)).collect::<Vec<_>>()))
+        .flatten()
+        .collect();
+    let mirrors = Mirrors::resolve(o.spec.mirror.as_deref(), o.spec.security_mirror.as_deref())?;
+    let key = rootfs::enrollment_key(&o.cache)?;
+    let env: BTreeMap<String, String> = [
+        ("NCIMAGE_LUKS_UUID", ids.luks.clone()),
+        ("NCIMAGE_BOOT_UUID", ids.boot_fs.clone()),
+        ("NCIMAGE_ROOT_UUID", ids.root_fs.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let inputs = rootfs::Inputs::new(&o.spec.suite, &mirrors, merged.packages.clone(), &hooks, env, &key, epoch)?;
+    let cache_key = inputs.key();
+    let what = format!("Debian {} tree ({} packages asked)", o.spec.suite, merged.packages.len());
+    let root = p.stage("rootfs", &what, || rootfs::ensure(&o.cache, &inputs, &hooks, &key))?;
+    if root.cached {
+        p.note(&format!("  rootfs: cached {}", &cache_key[..16]));
+    }
+
+    // overlay
+    let cmdline = format!("root=/dev/mapper/root {}", o.spec.image.kernel_cmdline);
+    let context = serde_json::json!({
+        "role": { "name": o.role, "firewall": merged.firewall, "secrets": merged.secrets.iter().map(|s| &s.name).collect::<Vec<_>>() },
+        "image": { "spec": o.spec.name, "suite": o.spec.suite, "layers": layers.iter().map(|l| &l.name).collect::<Vec<_>>() },
+        "ids": { "luks": ids.luks, "root_fs": ids.root_fs, "boot_fs": ids.boot_fs },
+    });
+    let ov = p.stage("overlay", "layers, templates and units", || {
+        overlay::apply(
+            &overlay::Inputs {
+                rootfs_tar: &root.tar,
+                layers: &layers,
+                merged: &merged,
+                role: &o.role,
+                spec_name: &o.spec.name,
+                context,
+                guest_binary: &o.guest_binary,
+                grub_cfg: disk::grub_cfg(&cmdline),
+                mtime: epoch,
+            },
+            &work,
+        )
+    })?;
+
+    // fs
+    let root_img = work.join("root.img");
+    let boot_img = work.join("boot.img");
+    let root_size = o.spec.root_size(&o.role);
+    let boot_size = o.spec.boot_size(&o.role);
+    let (root_sha, used) = p.stage("fs", "ext4 root and /boot from the trees", || {
+        fs::make_ext4(&ov.root_tar, &root_img, &fs::Params { label: "root", uuid: &ids.root_fs, size: root_size, source_date_epoch: epoch })?;
+        fs::make_ext4(&ov.boot_tar, &boot_img, &fs::Params { label: "boot", uuid: &ids.boot_fs, size: boot_size, source_date_epoch: epoch })?;
+        let _ = std::fs::remove_file(&ov.root_tar);
+        let used = fs::used_blocks(&root_img)?;
+        Ok((export::sha256_file(&root_img)?, used))
+    })?;
+    let boot_sha = export::sha256_file(&boot_img)?;
+
+    // luks
+    let root_luks = work.join("root.luks");
+    let luks_info = p.stage("luks", "LUKS2 encryption of the root", || {
+        let ranges: Vec<(u64, u64)> = used.iter().map(|&(s, n)| (s * fs::BLOCK, n * fs::BLOCK)).collect();
+        let info = luks::encrypt(&root_img, &ranges, &root_luks, &ids.luks, &key, &o.spec.luks, &work)?;
+        std::fs::remove_file(&root_img).map_err(Error::io("removing", &root_img))?;
+        Ok(info)
+    })?;
+
+    // disk
+    let raw = tmp.path().join(format!("{stem}.raw"));
+    let layout = p.stage("disk", "GPT, BIOS and UEFI boot", || {
+        disk::assemble(
+            &raw,
+            &work,
+            &disk::DiskInputs {
+                boot_fs: &boot_img,
+                boot_fs_uuid: &ids.boot_fs,
+                root: &root_luks,
+                esp_bytes: o.spec.image.esp_size.0,
+                seed: ids.disk_seed,
+            },
+        )
+    })?;
+    std::fs::remove_dir_all(&work).map_err(Error::io("removing", &work))?;
+
+    // export
+    let artifacts = p.stage("export", "formats, manifest, checksums", || export::write_formats(tmp.path(), &stem, &o.spec.image.formats))?;
+    let manifest = Manifest {
+        ncimage_version: env!("CARGO_PKG_VERSION").into(),
+        role: o.role.clone(),
+        spec: SpecRef { name: o.spec.name.clone(), source: o.spec.source.clone(), sha256: o.spec.sha256.clone() },
+        inputs: InputsRef {
+            suite: o.spec.suite.clone(),
+            sources: inputs.sources.clone(),
+            packages_requested: merged.packages.iter().cloned().collect(),
+            layers: layers
+                .iter()
+                .map(|l| {
+                    let mut h = Sha256::new();
+                    for sub in ["tree", "firstboot", "hooks"] {
+                        h.update(l.digest(sub).unwrap_or_default());
+                    }
+                    h.update(std::fs::read(l.dir.join(if l.kind == layer::Kind::Role { "role.toml" } else { "layer.toml" })).unwrap_or_default());
+                    LayerRef { name: l.name.clone(), kind: l.kind, sha256: hex::encode(h.finalize()) }
+                })
+                .collect(),
+            rootfs_cache_key: cache_key,
+            rootfs_cached: root.cached,
+            source_date_epoch: epoch,
+        },
+        filesystems: BTreeMap::from([
+            ("root".to_string(), FsInfo { uuid: ids.root_fs.clone(), size_bytes: root_size, sha256: root_sha }),
+            ("boot".to_string(), FsInfo { uuid: ids.boot_fs.clone(), size_bytes: boot_size, sha256: boot_sha }),
+        ]),
+        luks: luks_info,
+        disk: layout,
+        kernel_cmdline: cmdline,
+        artifacts: artifacts.clone(),
+        timings_seconds: p.timings.clone(),
+        packages: root.packages.clone(),
+    };
+    let mpath = tmp.path().join("manifest.json");
+    let mtext = serde_json::to_string_pretty(&manifest).expect("serialisable") + "\n";
+    std::fs::write(&mpath, &mtext).map_err(Error::io("writing", &mpath))?;
+    let mut sums: Vec<(String, String)> = artifacts.iter().map(|a| (a.sha256.clone(), a.file.clone())).collect();
+    sums.push((hex::encode(Sha256::digest(mtext.as_bytes())), "manifest.json".into()));
+    let spath = tmp.path().join("SHA256SUMS");
+    std::fs::write(&spath, export::sha256sums(&sums)).map_err(Error::io("writing", &spath))?;
+
+    // Swap into place.
+    crate::interrupt::check()?;
+    let old = out_parent.join(format!(".{}.old-{}", o.role, std::process::id()));
+    if o.out.exists() {
+        std::fs::rename(&o.out, &old).map_err(Error::io("moving aside", &o.out))?;
+    }
+    let kept = tmp.keep();
+    std::fs::rename(&kept, &o.out).map_err(Error::io("renaming into", &o.out))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_stable_distinct_uuids() {
+        let a = Ids::new("default", "redis");
+        let b = Ids::new("default", "redis");
+        let c = Ids::new("default", "db");
+        assert_eq!(a.luks, b.luks);
+        assert_ne!(a.luks, c.luks);
+        assert_ne!(a.root_fs, a.boot_fs);
+        assert_eq!(a.luks.len(), 36);
+        assert_eq!(&a.luks[14..15], "4");
+    }
+}

@@ -1,0 +1,186 @@
+//! First boot, in the guest: `ncimage firstboot` renders the role's first-boot templates from
+//! the node's seed (/etc/ncimage/node.json, written by cloud-init) and reloads what changed.
+//! Idempotent: a reboot renders the same files and touches nothing.
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::overlay::ImageInfo;
+use crate::secrets::Secrets;
+use crate::template;
+
+/// The node's identity and secrets, as the seed delivers them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub node: Node,
+    /// Only the secrets this node's role declares.
+    #[serde(default)]
+    pub secrets: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    pub name: String,
+    pub role: String,
+    /// Private address (no prefix).
+    pub address: String,
+    /// Private network in CIDR notation.
+    pub network: String,
+    #[serde(default)]
+    pub gateway: Option<String>,
+}
+
+pub struct Paths {
+    pub root: PathBuf,
+    pub node: PathBuf,
+    pub image: PathBuf,
+}
+
+impl Paths {
+    pub fn under(root: &Path) -> Paths {
+        Paths { root: root.into(), node: root.join("etc/ncimage/node.json"), image: root.join("etc/ncimage/image.json") }
+    }
+}
+
+/// The template context of first-boot files and of checks.
+pub fn context(node: &NodeConfig, info: &ImageInfo) -> serde_json::Value {
+    serde_json::json!({
+        "node": node.node,
+        "secrets": node.secrets,
+        "role": { "name": info.role, "firewall": info.firewall },
+        "image": { "spec": info.spec, "layers": info.layers },
+    })
+}
+
+/// Renders every first-boot file; returns the paths that changed. With `apply`, also chowns
+/// and reloads the units the image names.
+pub fn run(p: &Paths, apply: bool) -> Result<Vec<String>> {
+    let read = |path: &Path| std::fs::read_to_string(path).map_err(Error::io("reading", path));
+    let info: ImageInfo = serde_json::from_str(&read(&p.image)?)
+        .map_err(|e| Error::invalid(format!("{}: {e}", p.image.display()), "the image is damaged: rebuild it"))?;
+    let node: NodeConfig = serde_json::from_str(&read(&p.node)?).map_err(|e| {
+        Error::invalid(format!("{}: {e}", p.node.display()), "the seed's node.json is malformed: regenerate the seed")
+    })?;
+    if node.node.role != info.role {
+        return Err(Error::invalid(
+            format!("this seed is for a `{}` node but the image is the `{}` role", node.node.role, info.role),
+            "boot the node with its role's image",
+        ));
+    }
+    let missing: Vec<&String> = info.secrets.iter().filter(|s| !node.secrets.contains_key(*s)).collect();
+    if !missing.is_empty() {
+        return Err(Error::invalid(
+            format!("the seed lacks secrets: {}", missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")),
+            "regenerate the node's seed",
+        ));
+    }
+    let secrets = Secrets(node.secrets.clone());
+    let ctx = context(&node, &info);
+    let mut changed = Vec::new();
+    for f in &info.firstboot {
+        let tpl_path = p.root.join(f.template.trim_start_matches('/'));
+        let text = read(&tpl_path)?;
+        let rendered = template::render(&f.template, &text, &ctx).map_err(|e| match e {
+            Error::Template { name, message } => Error::Template { name, message: secrets.redact(&message) },
+            e => e,
+        })?;
+        let dest = p.root.join(f.path.trim_start_matches('/'));
+        let same = std::fs::read(&dest).map(|old| old == rendered.as_bytes()).unwrap_or(false);
+        if !same {
+            write_atomic(&dest, rendered.as_bytes(), f.mode)?;
+            changed.push(f.path.clone());
+        }
+        std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(f.mode)).map_err(Error::io("chmod", &dest))?;
+        if apply {
+            crate::tools::run(Command::new("chown").arg(format!("{}:{}", f.owner, f.group)).arg(&dest))?;
+        }
+    }
+    if apply && !changed.is_empty() {
+        for unit in &info.reload_after_firstboot {
+            crate::tools::run(Command::new("systemctl").args(["try-reload-or-restart", unit]))?;
+        }
+    }
+    Ok(changed)
+}
+
+fn write_atomic(dest: &Path, data: &[u8], mode: u32) -> Result<()> {
+    let dir = dest.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(dir).map_err(Error::io("creating", dir))?;
+    let tmp = dir.join(format!(".{}.ncimage-tmp", dest.file_name().unwrap_or_default().to_string_lossy()));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).map_err(Error::io("creating", &tmp))?;
+    f.write_all(data).and_then(|_| f.sync_all()).map_err(Error::io("writing", &tmp))?;
+    std::fs::rename(&tmp, dest).map_err(Error::io("renaming", dest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::Firewall;
+    use crate::overlay::FirstbootFile;
+
+    fn setup(secret: Option<&str>) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        std::fs::create_dir_all(r.join("etc/ncimage")).unwrap();
+        std::fs::create_dir_all(r.join("usr/share/ncimage/firstboot/redis/etc/redis")).unwrap();
+        std::fs::write(r.join("usr/share/ncimage/firstboot/redis/etc/redis/r.conf.tera"), "bind {{ node.address }}\npass {{ secrets.pw }}\n").unwrap();
+        let info = ImageInfo {
+            role: "redis".into(),
+            spec: "default".into(),
+            layers: vec!["base".into(), "redis".into()],
+            firewall: Firewall::default(),
+            secrets: vec!["pw".into()],
+            firstboot: vec![FirstbootFile {
+                template: "/usr/share/ncimage/firstboot/redis/etc/redis/r.conf.tera".into(),
+                path: "/etc/redis/r.conf".into(),
+                owner: "redis".into(),
+                group: "redis".into(),
+                mode: 0o640,
+            }],
+            reload_after_firstboot: vec![],
+            ncimage_version: "0".into(),
+        };
+        std::fs::write(r.join("etc/ncimage/image.json"), serde_json::to_string(&info).unwrap()).unwrap();
+        let secrets = match secret {
+            Some(s) => format!("{{\"pw\": \"{s}\"}}"),
+            None => "{}".into(),
+        };
+        std::fs::write(
+            r.join("etc/ncimage/node.json"),
+            format!("{{\"node\": {{\"name\": \"redis-1\", \"role\": \"redis\", \"address\": \"10.0.0.5\", \"network\": \"10.0.0.0/24\"}}, \"secrets\": {secrets}}}"),
+        )
+        .unwrap();
+        d
+    }
+
+    #[test]
+    fn renders_once_with_mode_and_is_idempotent() {
+        let d = setup(Some("s3cret"));
+        let p = Paths::under(d.path());
+        assert_eq!(run(&p, false).unwrap(), vec!["/etc/redis/r.conf".to_string()]);
+        let out = d.path().join("etc/redis/r.conf");
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "bind 10.0.0.5\npass s3cret\n");
+        assert_eq!(std::fs::metadata(&out).unwrap().permissions().mode() & 0o777, 0o640);
+        assert!(run(&p, false).unwrap().is_empty(), "second run changed files");
+    }
+
+    #[test]
+    fn missing_secret_and_wrong_role_are_refused() {
+        let d = setup(None);
+        let e = run(&Paths::under(d.path()), false).unwrap_err().to_string();
+        assert!(e.contains("lacks secrets: pw"), "{e}");
+        let d = setup(Some("x"));
+        let node = d.path().join("etc/ncimage/node.json");
+        let t = std::fs::read_to_string(&node).unwrap().replace("\"role\": \"redis\"", "\"role\": \"db\"");
+        std::fs::write(&node, t).unwrap();
+        assert!(run(&Paths::under(d.path()), false).unwrap_err().to_string().contains("`db` node"));
+    }
+}

@@ -1,0 +1,143 @@
+//! Filesystems from tars, without mounting: `mke2fs -d <tar>` with fixed UUIDs, hash seed and
+//! SOURCE_DATE_EPOCH, so the same inputs give the same bytes. Also reads the block allocation
+//! back (dumpe2fs) so later stages touch only used blocks.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::error::{Error, Result};
+use crate::tools;
+
+pub const BLOCK: u64 = 4096;
+
+pub struct Params<'a> {
+    pub label: &'a str,
+    pub uuid: &'a str,
+    pub size: u64,
+    pub source_date_epoch: u64,
+}
+
+/// Makes an ext4 image at `out` holding the tree in `tar`.
+pub fn make_ext4(tar: &Path, out: &Path, p: &Params) -> Result<()> {
+    tools::require("mke2fs")?;
+    if p.size % BLOCK != 0 {
+        return Err(Error::invalid(format!("filesystem size {} is not a multiple of 4 KiB", p.size), "use a size in MiB"));
+    }
+    let _ = std::fs::remove_file(out);
+    let mut cmd = Command::new("mke2fs");
+    cmd.args(["-q", "-F", "-t", "ext4", "-b", "4096", "-L", p.label, "-U", p.uuid])
+        .arg("-E")
+        .arg(format!("hash_seed={},root_owner=0:0", p.uuid))
+        .arg("-d")
+        .arg(tar)
+        .arg(out)
+        .arg(format!("{}k", p.size / 1024))
+        .env("SOURCE_DATE_EPOCH", p.source_date_epoch.to_string())
+        .env("E2FSPROGS_FAKE_TIME", p.source_date_epoch.to_string())
+        .env("MKE2FS_CONFIG", "/etc/mke2fs.conf");
+    tools::run(&mut cmd).map_err(|e| match e {
+        Error::Command { output, .. } if output.contains("libarchive") => Error::MissingTool {
+            tool: "libarchive (mke2fs -d <tar>)".into(),
+            package: "libarchive13".into(),
+        },
+        e => e,
+    })?;
+    Ok(())
+}
+
+/// Used block ranges (start, count) in 4 KiB blocks, from the block bitmaps.
+pub fn used_blocks(image: &Path) -> Result<Vec<(u64, u64)>> {
+    tools::require("dumpe2fs")?;
+    let out = tools::run(Command::new("dumpe2fs").arg(image))?;
+    let total = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Block count:"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .ok_or_else(|| Error::invalid(format!("dumpe2fs {}: no block count", image.display()), "is it an ext4 image?"))?;
+    let free = parse_free(&out)?;
+    Ok(complement(&free, total))
+}
+
+/// Per-group `Free blocks: a-b, c` lines of dumpe2fs.
+pub fn parse_free(dump: &str) -> Result<Vec<(u64, u64)>> {
+    let mut v = Vec::new();
+    for line in dump.lines().filter(|l| l.starts_with(' ')) {
+        let Some(list) = line.trim().strip_prefix("Free blocks:") else { continue };
+        for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (a, b) = part.split_once('-').unwrap_or((part, part));
+            let (a, b): (u64, u64) = match (a.parse(), b.parse()) {
+                (Ok(a), Ok(b)) if b >= a => (a, b),
+                _ => return Err(Error::invalid(format!("dumpe2fs: cannot read `{part}`"), "report this with the e2fsprogs version")),
+            };
+            v.push((a, b - a + 1));
+        }
+    }
+    v.sort_unstable();
+    Ok(v)
+}
+
+/// Ranges of [0, total) not covered by `free` (sorted, non-overlapping).
+pub fn complement(free: &[(u64, u64)], total: u64) -> Vec<(u64, u64)> {
+    let mut used = Vec::new();
+    let mut cur = 0;
+    for &(start, len) in free {
+        if start > cur {
+            used.push((cur, start - cur));
+        }
+        cur = cur.max(start + len);
+    }
+    if cur < total {
+        used.push((cur, total - cur));
+    }
+    used
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_lines_parse_and_complement() {
+        let dump = "Free blocks:              100\nGroup 0: (Blocks 0-32767)\n  Free blocks: 10-19, 25\n  Free inodes: 12-100\nGroup 1:\n  Free blocks: 40-49\n";
+        let free = parse_free(dump).unwrap();
+        assert_eq!(free, vec![(10, 10), (25, 1), (40, 10)]);
+        assert_eq!(complement(&free, 60), vec![(0, 10), (20, 5), (26, 14), (50, 10)]);
+        assert_eq!(complement(&[], 5), vec![(0, 5)]);
+        assert_eq!(complement(&[(0, 5)], 5), vec![]);
+    }
+
+    #[test]
+    fn same_tar_gives_same_bytes_and_used_blocks_are_found() {
+        if tools::which("mke2fs").is_none() {
+            panic!("mke2fs missing: run scripts/setup-host");
+        }
+        let d = tempfile::tempdir().unwrap();
+        let tar_path = d.path().join("t.tar");
+        {
+            let mut b = tar::Builder::new(std::fs::File::create(&tar_path).unwrap());
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_size(0);
+            h.set_mode(0o755);
+            h.set_mtime(1);
+            b.append_data(&mut h, "etc/", std::io::empty()).unwrap();
+            let mut h = tar::Header::new_gnu();
+            h.set_size(5);
+            h.set_mode(0o644);
+            h.set_mtime(1);
+            b.append_data(&mut h, "etc/hello", &b"hello"[..]).unwrap();
+            b.finish().unwrap();
+        }
+        let p = Params { label: "t", uuid: "0d1f2e3c-4b5a-4968-8776-a5b4c3d2e1f0", size: 16 << 20, source_date_epoch: 1 };
+        let a = d.path().join("a.img");
+        let b = d.path().join("b.img");
+        make_ext4(&tar_path, &a, &p).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        make_ext4(&tar_path, &b, &p).unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), "mke2fs -d is not reproducible");
+        let used = used_blocks(&a).unwrap();
+        let n: u64 = used.iter().map(|r| r.1).sum();
+        assert!(n > 0 && n < 4096, "used {n} of 4096 blocks");
+        assert_eq!(used[0].0, 0, "the superblock's block is used");
+    }
+}

@@ -1,0 +1,1215 @@
+//! Boots an image under QEMU and talks to the guest through the QEMU guest agent (QGA).
+//!
+//! The VM never writes its base image: `Vm::start` puts a qcow2 overlay in the caller's
+//! workdir, next to the OVMF variables copy, the QGA and QMP sockets, the serial log (ttyS0)
+//! and QEMU's own stderr (`qemu.log`). Networking is user-mode with `restrict=on` (the guest
+//! reaches nothing) or none at all. Secrets never go on QEMU's command line: pass them with
+//! `Vm::exec`'s stdin or `Vm::write_file`.
+//!
+//! QEMU gets SIGKILL when the *thread* that called `Vm::start` dies (PR_SET_PDEATHSIG), and
+//! `Drop` terminates and reaps it: keep a `Vm` in the thread that started it.
+
+use std::fs;
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// Unified OVMF image used only by the KVM probe (read-only, no variable store needed).
+const OVMF_PROBE: &[&str] = &["/usr/share/qemu/OVMF.fd", "/usr/share/ovmf/OVMF.fd"];
+/// `sun_path` is 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+/// Chunk for guest-file-read/-write (the agent allows up to 48 MiB).
+const FILE_CHUNK: usize = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    /// OVMF (UEFI) from /usr/share/OVMF, with a per-VM copy of the variable store.
+    Uefi,
+    /// SeaBIOS, QEMU's default.
+    Bios,
+}
+
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Used in messages and as QEMU's guest name.
+    pub name: String,
+    /// Base image (qcow2 or raw, format detected by qemu-img). Never written.
+    pub disk: PathBuf,
+    /// Raw files attached read-only as virtio disks after the main disk (vdb, vdc, ...).
+    pub extra_disks: Vec<PathBuf>,
+    pub firmware: Firmware,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// Caller-owned directory for the overlay, OVMF vars, sockets and logs. Keep its path
+    /// short: the sockets must fit in 107 bytes.
+    pub workdir: PathBuf,
+    /// User-mode networking with `restrict=on` (the guest reaches no address).
+    pub network: bool,
+    /// Direct kernel boot: (kernel, initrd, kernel command line). No secrets in the cmdline.
+    pub kernel: Option<(PathBuf, PathBuf, String)>,
+}
+
+impl VmConfig {
+    /// UEFI, 2 GiB, 2 vCPUs, no network, no extra disks, boot from the disk.
+    pub fn new(name: impl Into<String>, disk: impl Into<PathBuf>, workdir: impl Into<PathBuf>) -> VmConfig {
+        VmConfig {
+            name: name.into(),
+            disk: disk.into(),
+            extra_disks: Vec::new(),
+            firmware: Firmware::Uefi,
+            memory_mib: 2048,
+            cpus: 2,
+            workdir: workdir.into(),
+            network: false,
+            kernel: None,
+        }
+    }
+}
+
+/// Files a VM keeps in its workdir.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmPaths {
+    pub overlay: PathBuf,
+    pub ovmf_vars: PathBuf,
+    pub qga_socket: PathBuf,
+    pub qmp_socket: PathBuf,
+    pub serial_log: PathBuf,
+    pub qemu_log: PathBuf,
+}
+
+impl VmPaths {
+    pub fn in_workdir(workdir: &Path) -> VmPaths {
+        VmPaths {
+            overlay: workdir.join("overlay.qcow2"),
+            ovmf_vars: workdir.join("OVMF_VARS.fd"),
+            qga_socket: workdir.join("qga.sock"),
+            qmp_socket: workdir.join("qmp.sock"),
+            serial_log: workdir.join("serial.log"),
+            qemu_log: workdir.join("qemu.log"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// `-accel tcg,thread=multi -cpu max`
+    Tcg,
+    /// `-accel kvm -cpu host`
+    Kvm,
+}
+
+/// The accelerator to use: `NCIMAGE_ACCEL=tcg|kvm` forces one, otherwise KVM only when
+/// [`kvm_usable`] proves it boots firmware, else TCG.
+pub fn accel() -> Accel {
+    match std::env::var("NCIMAGE_ACCEL").ok().as_deref().map(str::trim) {
+        Some("tcg") => Accel::Tcg,
+        Some("kvm") => Accel::Kvm,
+        _ if kvm_usable() => Accel::Kvm,
+        _ => Accel::Tcg,
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// Exit code, or 128 + signal number when the command was killed by a signal.
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl ExecOutput {
+    pub fn success(&self) -> bool {
+        self.code == 0
+    }
+}
+
+/// Escapes a value for QEMU's `key=value,...` option syntax (a comma is doubled).
+fn esc(p: impl AsRef<std::ffi::OsStr>) -> String {
+    p.as_ref().to_string_lossy().replace(',', ",,")
+}
+
+/// QEMU's command line (without the program) for `cfg`, with its files at `paths`.
+pub fn qemu_args(cfg: &VmConfig, paths: &VmPaths, accel: Accel) -> Vec<String> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    push(&["-name", &format!("guest={}", esc(&cfg.name))]);
+    push(&["-no-user-config", "-nodefaults", "-display", "none", "-machine", "q35"]);
+    match accel {
+        Accel::Tcg => push(&["-accel", "tcg,thread=multi", "-cpu", "max"]),
+        Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+    }
+    push(&["-m", &cfg.memory_mib.to_string(), "-smp", &cfg.cpus.to_string()]);
+    if cfg.firmware == Firmware::Uefi {
+        push(&["-drive", &format!("if=pflash,format=raw,unit=0,readonly=on,file={}", esc(OVMF_CODE))]);
+        push(&["-drive", &format!("if=pflash,format=raw,unit=1,file={}", esc(&paths.ovmf_vars))]);
+    }
+    if let Some((kernel, initrd, cmdline)) = &cfg.kernel {
+        push(&["-kernel", &kernel.to_string_lossy(), "-initrd", &initrd.to_string_lossy()]);
+        push(&["-append", cmdline]);
+    }
+    // The overlay is thrown away with the workdir: skipping flushes costs nothing.
+    push(&["-drive", &format!("file={},if=none,id=d0,format=qcow2,cache=unsafe,discard=unmap", esc(&paths.overlay))]);
+    // With -kernel, QEMU gives bootindex 0 to its linuxboot option ROM.
+    push(&["-device", if cfg.kernel.is_some() { "virtio-blk-pci,drive=d0" } else { "virtio-blk-pci,drive=d0,bootindex=0" }]);
+    for (i, d) in cfg.extra_disks.iter().enumerate() {
+        let id = format!("d{}", i + 1);
+        push(&["-drive", &format!("file={},if=none,id={id},format=raw,readonly=on", esc(d))]);
+        push(&["-device", &format!("virtio-blk-pci,drive={id}")]);
+    }
+    if cfg.network {
+        // restrict=on: the guest can reach no host and no other address. No forwards.
+        push(&["-netdev", "user,id=n0,restrict=on", "-device", "virtio-net-pci,netdev=n0,romfile="]);
+    }
+    push(&["-chardev", &format!("socket,id=qga0,path={},server=on,wait=off", esc(&paths.qga_socket))]);
+    push(&["-device", "virtio-serial-pci,id=vser0"]);
+    push(&["-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0"]);
+    push(&["-chardev", &format!("socket,id=qmp0,path={},server=on,wait=off", esc(&paths.qmp_socket))]);
+    push(&["-mon", "chardev=qmp0,mode=control"]);
+    push(&["-chardev", &format!("file,id=ser0,path={}", esc(&paths.serial_log))]);
+    push(&["-serial", "chardev:ser0"]);
+    push(&["-device", "virtio-rng-pci"]);
+    push(&["-device", "pvpanic", "-action", "panic=exit-failure"]);
+    a
+}
+
+/// Whether KVM really runs guests here: boots OVMF under `-accel kvm -cpu host` for at most
+/// ~4.5 s and looks for its boot manager on the serial port. Nested setups that fail with
+/// "KVM internal error ... emulation failure" (or cannot set MSRs) answer false. Cached.
+pub fn kvm_usable() -> bool {
+    static KVM: OnceLock<bool> = OnceLock::new();
+    *KVM.get_or_init(|| {
+        let usable = probe_kvm();
+        tracing::debug!(usable, "KVM probe");
+        usable
+    })
+}
+
+fn probe_kvm() -> bool {
+    use std::sync::mpsc;
+    if fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+        return false;
+    }
+    let Some(qemu) = crate::tools::which("qemu-system-x86_64") else { return false };
+    let Some(bios) = OVMF_PROBE.iter().find(|p| Path::new(p).exists()) else { return false };
+    let mut cmd = Command::new(qemu);
+    cmd.args(["-machine", "q35", "-accel", "kvm", "-cpu", "host", "-m", "128", "-nodefaults"])
+        .args(["-no-user-config", "-display", "none", "-serial", "stdio", "-bios", bios])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    die_with_parent(&mut cmd);
+    let Ok(mut child) = cmd.spawn() else { return false };
+    let (tx, rx) = mpsc::channel::<bool>();
+    let mut out = child.stdout.take().expect("piped");
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if seen.windows(6).any(|w| w == b"BdsDxe") {
+                let _ = tx2.send(true);
+                return;
+            }
+        }
+        let _ = tx2.send(false);
+    });
+    let mut err = child.stderr.take().expect("piped");
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        if s.contains("KVM internal error") || s.contains("emulation failure") || s.contains("failed to set MSR") {
+            let _ = tx.send(false);
+        }
+    });
+    let ok = rx.recv_timeout(Duration::from_millis(4500)).unwrap_or(false);
+    let _ = child.kill();
+    let _ = child.wait();
+    ok
+}
+
+/// QEMU dies with the thread that spawns it, and leaves the terminal's process group so a
+/// Ctrl-C reaches only us (we then drop the Vm, which stops QEMU).
+fn die_with_parent(cmd: &mut Command) {
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: only async-signal-safe libc calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("the parent exited before QEMU started"));
+            }
+            libc::setpgid(0, 0);
+            Ok(())
+        });
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub struct Vm {
+    name: String,
+    pid: u32,
+    child: Mutex<Child>,
+    paths: VmPaths,
+    agent: Agent,
+}
+
+impl Vm {
+    /// Makes the overlay (and the OVMF vars copy), starts QEMU and waits until its sockets
+    /// exist. Does not wait for the guest: see [`Vm::wait_agent`].
+    pub fn start(cfg: VmConfig) -> Result<Vm> {
+        let qemu = crate::tools::require("qemu-system-x86_64")?;
+        crate::tools::require("qemu-img")?;
+        fs::create_dir_all(&cfg.workdir).map_err(Error::io("creating", &cfg.workdir))?;
+        let workdir = fs::canonicalize(&cfg.workdir).map_err(Error::io("resolving", &cfg.workdir))?;
+        let paths = VmPaths::in_workdir(&workdir);
+        for sock in [&paths.qga_socket, &paths.qmp_socket] {
+            if sock.as_os_str().len() > MAX_SOCKET_PATH {
+                return Err(Error::invalid(
+                    format!("the socket path {} is longer than {MAX_SOCKET_PATH} bytes", sock.display()),
+                    "use a shorter work directory (for example under /tmp)",
+                ));
+            }
+            match fs::remove_file(sock) {
+                Err(e) if e.kind() != ErrorKind::NotFound => return Err(Error::io("removing", sock)(e)),
+                _ => {}
+            }
+        }
+        let base = fs::canonicalize(&cfg.disk).map_err(Error::io("resolving", &cfg.disk))?;
+        let format = image_format(&base)?;
+        let _ = fs::remove_file(&paths.overlay);
+        crate::tools::run(
+            Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-F", &format, "-b"])
+                .arg(&base)
+                .arg(&paths.overlay),
+        )?;
+        for d in &cfg.extra_disks {
+            fs::metadata(d).map_err(Error::io("reading", d))?;
+        }
+        if let Some((k, i, _)) = &cfg.kernel {
+            fs::metadata(k).map_err(Error::io("reading", k))?;
+            fs::metadata(i).map_err(Error::io("reading", i))?;
+        }
+        if cfg.firmware == Firmware::Uefi {
+            fs::metadata(OVMF_CODE).map_err(|_| Error::MissingTool {
+                tool: OVMF_CODE.into(),
+                package: "ovmf".into(),
+            })?;
+            fs::copy(OVMF_VARS, &paths.ovmf_vars).map_err(Error::io("copying", OVMF_VARS))?;
+        }
+        fs::write(&paths.serial_log, b"").map_err(Error::io("creating", &paths.serial_log))?;
+
+        let acc = accel();
+        let args = qemu_args(&cfg, &paths, acc);
+        let log = fs::File::create(&paths.qemu_log).map_err(Error::io("creating", &paths.qemu_log))?;
+        let log2 = log.try_clone().map_err(Error::io("opening", &paths.qemu_log))?;
+        let mut cmd = Command::new(&qemu);
+        cmd.args(&args).stdin(Stdio::null()).stdout(log).stderr(log2);
+        die_with_parent(&mut cmd);
+        tracing::debug!(vm = %cfg.name, accel = ?acc, command = %crate::tools::show(&cmd), "starting QEMU");
+        let child = cmd.spawn().map_err(Error::io("starting", &qemu))?;
+        let vm = Vm {
+            name: cfg.name.clone(),
+            pid: child.id(),
+            child: Mutex::new(child),
+            agent: Agent::new(&cfg.name, &paths.qga_socket),
+            paths,
+        };
+        // QEMU creates its listening sockets before the guest runs.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = vm.exit_status() {
+                return Err(vm.died(status, "at start"));
+            }
+            if vm.paths.qga_socket.exists() && vm.paths.qmp_socket.exists() {
+                return Ok(vm);
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Vm(format!(
+                    "QEMU for {} did not create its sockets within 15 s\n{}",
+                    vm.name,
+                    vm.diagnostics()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn paths(&self) -> &VmPaths {
+        &self.paths
+    }
+
+    /// The guest's serial console (ttyS0).
+    pub fn serial_log(&self) -> &Path {
+        &self.paths.serial_log
+    }
+
+    /// The last `lines` lines of the serial console, terminal escapes removed.
+    pub fn serial_tail(&self, lines: usize) -> String {
+        file_tail(&self.paths.serial_log, lines)
+    }
+
+    /// QEMU's exit status once it has exited (reaps it).
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        lock(&self.child).try_wait().ok().flatten()
+    }
+
+    /// Until the guest agent answers guest-sync-delimited and guest-ping. Fails early, with
+    /// QEMU's stderr and the serial log's last lines, if QEMU exits.
+    pub fn wait_agent(&self, timeout: Duration) -> Result<()> {
+        let alive = || match self.exit_status() {
+            Some(status) => Err(self.died(status, "while waiting for the guest agent")),
+            None => Ok(()),
+        };
+        self.agent.wait(timeout, &alive).map_err(|e| match e {
+            Error::Vm(msg) if self.exit_status().is_none() => Error::Vm(format!(
+                "{msg}\nlast lines of the serial console ({}):\n{}",
+                self.paths.serial_log.display(),
+                self.serial_tail(40)
+            )),
+            other => other,
+        })
+    }
+
+    /// Runs `argv` in the guest (guest-exec, output captured), feeding `stdin` if given.
+    /// A command that leaves a background process holding its stdout/stderr open does not
+    /// finish until that process closes them (the agent waits for end of output).
+    pub fn exec(&self, argv: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Result<ExecOutput> {
+        self.agent.exec(argv, stdin, timeout).map_err(|e| self.explain(e))
+    }
+
+    /// `/bin/sh -c script`.
+    pub fn sh(&self, script: &str, timeout: Duration) -> Result<ExecOutput> {
+        self.exec(&["/bin/sh", "-c", script], None, timeout)
+    }
+
+    /// A guest file's content (guest-file-open/read/close).
+    pub fn read_file(&self, path: &str) -> Result<Vec<u8>> {
+        self.agent.read_file(path, Duration::from_secs(60)).map_err(|e| self.explain(e))
+    }
+
+    /// Writes a guest file with `mode` (e.g. 0o600), replacing any file there. The content
+    /// travels as the stdin of `sh` (never on a command line) and the file is created under
+    /// umask 077, so a secret is never readable by others, even briefly. (The agent's own
+    /// guest-file-open "w" creates files 0666, hence not used.)
+    pub fn write_file(&self, path: &str, data: &[u8], mode: u32) -> Result<()> {
+        let script = r#"umask 077 && rm -f -- "$1" && cat > "$1" && chmod "$2" -- "$1""#;
+        let mode = format!("{mode:o}");
+        let out = self.exec(&["/bin/sh", "-c", script, "sh", path, &mode], Some(data), Duration::from_secs(120))?;
+        if out.code != 0 {
+            return Err(Error::Vm(format!("writing {path} in {} failed ({}): {}", self.name, out.code, out.stderr.trim())));
+        }
+        Ok(())
+    }
+
+    /// Any other agent command; returns its "return" value.
+    pub fn agent_call(&self, command: &str, args: Value, timeout: Duration) -> Result<Value> {
+        self.agent.call(command, args, timeout).map_err(|e| self.explain(e))
+    }
+
+    /// A QMP command (fresh connection, capabilities negotiated); returns its "return" value.
+    pub fn qmp(&self, command: &str, args: Option<Value>) -> Result<Value> {
+        qmp_call(&self.paths.qmp_socket, command, args, Duration::from_secs(10))
+            .map_err(|e| Error::Vm(format!("QMP {command} on {}: {e}", self.name)))
+    }
+
+    /// ACPI power button (QMP system_powerdown).
+    pub fn powerdown(&self) -> Result<()> {
+        self.qmp("system_powerdown", None).map(drop)
+    }
+
+    /// Stops QEMU at once (QMP quit). The guest is not shut down.
+    pub fn qmp_quit(&self) -> Result<()> {
+        match self.qmp("quit", None) {
+            Ok(_) => Ok(()),
+            // QEMU may close the socket before its answer arrives.
+            Err(_) if self.wait_exit(Duration::from_secs(5)).is_some() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Powers the guest off (guest-shutdown, or the ACPI button if the agent does not take
+    /// it) and waits for QEMU to exit; kills it after `timeout`. Fails if QEMU had to be
+    /// killed or exited with an error (a guest panic, through pvpanic, exits with failure).
+    pub fn shutdown(self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        if self.exit_status().is_none() && self.agent.shutdown_request().is_err() {
+            tracing::debug!(vm = %self.name, "guest-shutdown failed; pressing the ACPI power button");
+            self.powerdown()?;
+        }
+        match self.wait_exit(deadline.saturating_duration_since(Instant::now())) {
+            Some(status) if status.success() => Ok(()),
+            Some(status) => Err(self.died(status, "during shutdown")),
+            None => {
+                let msg = format!(
+                    "{} did not power off within {timeout:?}; QEMU was killed\nlast lines of the serial console ({}):\n{}",
+                    self.name,
+                    self.paths.serial_log.display(),
+                    self.serial_tail(30)
+                );
+                drop(self);
+                Err(Error::Vm(msg))
+            }
+        }
+    }
+
+    fn wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.exit_status() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Adds "QEMU exited" and the logs to an agent error when QEMU is gone.
+    fn explain(&self, e: Error) -> Error {
+        // A closed agent socket means QEMU is exiting: give it a moment to be reaped.
+        let status = match self.exit_status() {
+            None if e.to_string().contains(SOCKET_CLOSED) => self.wait_exit(Duration::from_secs(2)),
+            s => s,
+        };
+        match status {
+            Some(status) => Error::Vm(format!("{e}\n{}", self.died(status, "meanwhile"))),
+            None => e,
+        }
+    }
+
+    fn died(&self, status: ExitStatus, when: &str) -> Error {
+        Error::Vm(format!("QEMU for {} exited {when} ({status})\n{}", self.name, self.diagnostics()))
+    }
+
+    fn diagnostics(&self) -> String {
+        let qemu = file_tail(&self.paths.qemu_log, 20);
+        let mut s = String::new();
+        if !qemu.trim().is_empty() {
+            s.push_str(&format!("QEMU said:\n{qemu}\n"));
+        }
+        s.push_str(&format!(
+            "last lines of the serial console ({}):\n{}",
+            self.paths.serial_log.display(),
+            self.serial_tail(40)
+        ));
+        s
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let mut child = lock(&self.child);
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        // SIGTERM makes QEMU exit cleanly (closing its files); SIGKILL after a short grace.
+        unsafe {
+            libc::kill(self.pid as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// "qcow2", "raw", ... as qemu-img detects it.
+fn image_format(image: &Path) -> Result<String> {
+    let out = crate::tools::run(Command::new("qemu-img").args(["info", "--output=json", "-U"]).arg(image))?;
+    let v: Value = serde_json::from_str(&out)
+        .map_err(|e| Error::Vm(format!("qemu-img info {}: unreadable answer: {e}", image.display())))?;
+    v.get("format")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| Error::Vm(format!("qemu-img info {}: no format in its answer", image.display())))
+}
+
+/// Removes terminal escape sequences and carriage returns.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\x1b' => {
+                if chars.peek() == Some(&'[') {
+                    chars.next();
+                    for c in chars.by_ref() {
+                        if ('\x40'..='\x7e').contains(&c) {
+                            break;
+                        }
+                    }
+                } else {
+                    chars.next();
+                }
+            }
+            '\r' => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn file_tail(path: &Path, lines: usize) -> String {
+    let Ok(bytes) = fs::read(path) else { return String::from("(nothing)") };
+    let start = bytes.len().saturating_sub(256 * 1024);
+    let text = strip_ansi(&String::from_utf8_lossy(&bytes[start..]));
+    let v: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+// ---------------------------------------------------------------------------------------
+// QGA: JSON lines over the virtio-serial chardev socket.
+
+#[derive(Debug)]
+enum QgaError {
+    Timeout(&'static str),
+    /// The socket closed: QEMU is gone.
+    Closed,
+    Io(std::io::Error),
+    /// The agent answered with an error.
+    Agent { class: String, desc: String },
+    Protocol(String),
+}
+
+impl std::fmt::Display for QgaError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QgaError::Timeout(what) => write!(f, "timed out {what}"),
+            QgaError::Closed => write!(f, "{SOCKET_CLOSED}"),
+            QgaError::Io(e) => write!(f, "{e}"),
+            QgaError::Agent { class, desc } => write!(f, "{class}: {desc}"),
+            QgaError::Protocol(m) => write!(f, "unexpected answer: {m}"),
+        }
+    }
+}
+
+impl From<std::io::Error> for QgaError {
+    fn from(e: std::io::Error) -> Self {
+        match e.kind() {
+            ErrorKind::WouldBlock | ErrorKind::TimedOut => QgaError::Timeout("on the agent socket"),
+            ErrorKind::BrokenPipe | ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof => QgaError::Closed,
+            _ => QgaError::Io(e),
+        }
+    }
+}
+
+const SOCKET_CLOSED: &str = "the socket closed";
+
+type QResult<T> = std::result::Result<T, QgaError>;
+
+fn fresh_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    // Positive and below 2^53 so it survives any JSON number handling.
+    ((t ^ (u64::from(std::process::id()) << 32)).wrapping_add(N.fetch_add(1, Ordering::Relaxed) << 8)) & ((1 << 53) - 1)
+}
+
+/// One connection to the agent socket.
+struct Conn {
+    stream: UnixStream,
+    buf: Vec<u8>,
+    synced: bool,
+}
+
+fn remaining(deadline: Instant, what: &'static str) -> QResult<Duration> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        Err(QgaError::Timeout(what))
+    } else {
+        Ok(left)
+    }
+}
+
+impl Conn {
+    fn connect(path: &Path) -> QResult<Conn> {
+        let stream = UnixStream::connect(path).map_err(|e| match e.kind() {
+            ErrorKind::NotFound | ErrorKind::ConnectionRefused => QgaError::Closed,
+            _ => QgaError::Io(e),
+        })?;
+        Ok(Conn { stream, buf: Vec::new(), synced: false })
+    }
+
+    fn send(&mut self, bytes: &[u8], deadline: Instant) -> QResult<()> {
+        self.stream.set_write_timeout(Some(remaining(deadline, "sending to the agent")?))?;
+        let r = self.stream.write_all(bytes).and_then(|_| self.stream.flush());
+        r.map_err(|e| {
+            self.synced = false;
+            QgaError::from(e)
+        })
+    }
+
+    /// Reads more bytes into the buffer.
+    fn fill(&mut self, deadline: Instant, what: &'static str) -> QResult<()> {
+        let mut chunk = [0u8; 64 * 1024];
+        loop {
+            self.stream.set_read_timeout(Some(remaining(deadline, what)?))?;
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Err(QgaError::Closed),
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    return Ok(());
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    if Instant::now() >= deadline {
+                        return Err(QgaError::Timeout(what));
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// One line, without its newline.
+    fn read_line(&mut self, deadline: Instant, what: &'static str) -> QResult<Vec<u8>> {
+        let mut scanned = 0;
+        loop {
+            if let Some(pos) = self.buf[scanned..].iter().position(|&b| b == b'\n') {
+                let mut line: Vec<u8> = self.buf.drain(..=scanned + pos).collect();
+                line.pop();
+                return Ok(line);
+            }
+            scanned = self.buf.len();
+            self.fill(deadline, what)?;
+        }
+    }
+
+    /// guest-sync-delimited: after a 0xFF (which resets the agent's parser), asks for a fresh
+    /// id and discards everything until a 0xFF followed by the answer carrying that id.
+    fn sync(&mut self, timeout: Duration) -> QResult<()> {
+        let deadline = Instant::now() + timeout;
+        self.synced = false;
+        let id = fresh_id();
+        let mut msg = vec![0xFF];
+        msg.extend_from_slice(json!({"execute": "guest-sync-delimited", "arguments": {"id": id}}).to_string().as_bytes());
+        msg.push(b'\n');
+        self.send(&msg, deadline)?;
+        loop {
+            match self.buf.iter().position(|&b| b == 0xFF) {
+                Some(pos) => {
+                    self.buf.drain(..=pos);
+                }
+                None => {
+                    self.buf.clear();
+                    self.fill(deadline, "waiting for the agent to answer guest-sync-delimited")?;
+                    continue;
+                }
+            }
+            let line = self.read_line(deadline, "waiting for the agent to answer guest-sync-delimited")?;
+            let line: Vec<u8> = line.into_iter().filter(|&b| b != 0xFF).collect();
+            if let Ok(v) = serde_json::from_slice::<Value>(&line) {
+                if v.get("return").and_then(Value::as_u64) == Some(id) {
+                    self.synced = true;
+                    return Ok(());
+                }
+            }
+            // A stale answer (an earlier sync, or a command that timed out): keep looking.
+        }
+    }
+
+    /// Sends one command (resynchronising first if needed) and reads its answer, skipping
+    /// answers to earlier commands that were abandoned.
+    fn call(&mut self, command: &str, args: &Value, timeout: Duration) -> QResult<Value> {
+        let deadline = Instant::now() + timeout;
+        if !self.synced {
+            self.sync(timeout.min(Duration::from_secs(10)))?;
+        }
+        let id = fresh_id();
+        let mut req = json!({"execute": command, "id": id});
+        if !args.is_null() {
+            req["arguments"] = args.clone();
+        }
+        let mut msg = req.to_string().into_bytes();
+        msg.push(b'\n');
+        self.send(&msg, deadline)?;
+        let r = self.answer(id, deadline);
+        if matches!(r, Err(QgaError::Timeout(_) | QgaError::Closed | QgaError::Io(_) | QgaError::Protocol(_))) {
+            self.synced = false;
+        }
+        r
+    }
+
+    fn answer(&mut self, id: u64, deadline: Instant) -> QResult<Value> {
+        loop {
+            let line = self.read_line(deadline, "waiting for the agent's answer")?;
+            let line: Vec<u8> = line.into_iter().filter(|&b| b != 0xFF).collect();
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let v: Value = serde_json::from_slice(&line)
+                .map_err(|e| QgaError::Protocol(format!("{e}: {}", String::from_utf8_lossy(&line))))?;
+            if let Some(got) = v.get("id") {
+                if got.as_u64() != Some(id) {
+                    continue; // an answer to an earlier, abandoned command
+                }
+            }
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                return Err(QgaError::Agent {
+                    class: e.get("class").and_then(Value::as_str).unwrap_or("error").to_string(),
+                    desc: e.get("desc").and_then(Value::as_str).unwrap_or("").to_string(),
+                });
+            }
+        }
+    }
+}
+
+/// The guest agent of one VM: connects lazily, resynchronises after any failure.
+struct Agent {
+    name: String,
+    path: PathBuf,
+    conn: Mutex<Option<Conn>>,
+}
+
+impl Agent {
+    fn new(name: &str, path: &Path) -> Agent {
+        Agent { name: name.to_string(), path: path.to_path_buf(), conn: Mutex::new(None) }
+    }
+
+    fn raw_call(&self, command: &str, args: &Value, timeout: Duration) -> QResult<Value> {
+        let mut g = lock(&self.conn);
+        if g.is_none() {
+            *g = Some(Conn::connect(&self.path)?);
+        }
+        let r = g.as_mut().expect("connected").call(command, args, timeout);
+        if matches!(r, Err(QgaError::Closed | QgaError::Io(_))) {
+            *g = None;
+        }
+        r
+    }
+
+    fn call(&self, command: &str, args: Value, timeout: Duration) -> Result<Value> {
+        self.raw_call(command, &args, timeout)
+            .map_err(|e| Error::Vm(format!("guest agent of {}: {command}: {e}", self.name)))
+    }
+
+    fn wait(&self, timeout: Duration, alive: &dyn Fn() -> Result<()>) -> Result<()> {
+        let start = Instant::now();
+        let deadline = start + timeout;
+        let mut last = String::from("no answer yet");
+        loop {
+            alive()?;
+            let step = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(3));
+            if step.is_zero() {
+                return Err(Error::Vm(format!(
+                    "the guest agent of {} did not answer within {timeout:?} ({last})",
+                    self.name
+                )));
+            }
+            let began = Instant::now();
+            let r = {
+                let mut g = lock(&self.conn);
+                let r = match g.as_mut() {
+                    Some(c) => Ok(c),
+                    None => Conn::connect(&self.path).map(|c| g.insert(c)),
+                }
+                .and_then(|c| {
+                    c.sync(step)?;
+                    c.call("guest-ping", &Value::Null, step)
+                });
+                if matches!(r, Err(QgaError::Closed | QgaError::Io(_))) {
+                    *g = None;
+                }
+                r
+            };
+            match r {
+                Ok(_) => {
+                    tracing::debug!(vm = %self.name, after = ?start.elapsed(), "guest agent answers");
+                    return Ok(());
+                }
+                Err(e) => last = e.to_string(),
+            }
+            // Don't spin when the socket is refused at once.
+            if let Some(rest) = Duration::from_millis(500).checked_sub(began.elapsed()) {
+                std::thread::sleep(rest.min(deadline.saturating_duration_since(Instant::now())));
+            }
+        }
+    }
+
+    fn exec(&self, argv: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Result<ExecOutput> {
+        let shown = argv.join(" ");
+        let Some((path, args)) = argv.split_first() else {
+            return Err(Error::Vm("exec: empty command".into()));
+        };
+        let deadline = Instant::now() + timeout;
+        let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        let mut req = json!({"path": path, "arg": args, "capture-output": true});
+        if let Some(data) = stdin {
+            req["input-data"] = Value::String(B64.encode(data));
+        }
+        let started = self.call("guest-exec", req, left().min(Duration::from_secs(60)))?;
+        let pid = started
+            .get("pid")
+            .and_then(Value::as_i64)
+            .ok_or_else(|| Error::Vm(format!("guest-exec `{shown}` in {}: no pid in {started}", self.name)))?;
+        let mut delay = Duration::from_millis(20);
+        loop {
+            // The status call gets a few seconds of its own, so a command that ends right at its
+            // deadline is still seen as finished.
+            let poll = left().clamp(Duration::from_secs(3), Duration::from_secs(30));
+            let st = self.call("guest-exec-status", json!({"pid": pid}), poll)?;
+            if st.get("exited").and_then(Value::as_bool) == Some(true) {
+                let text = |key: &str| -> Result<String> {
+                    match st.get(key).and_then(Value::as_str) {
+                        None => Ok(String::new()),
+                        Some(b) => B64
+                            .decode(b)
+                            .map(|d| String::from_utf8_lossy(&d).into_owned())
+                            .map_err(|e| Error::Vm(format!("`{shown}` in {}: bad base64 in {key}: {e}", self.name))),
+                    }
+                };
+                let mut stderr = text("err-data")?;
+                let mut stdout = text("out-data")?;
+                if st.get("out-truncated").and_then(Value::as_bool) == Some(true) {
+                    stdout.push_str("\n[output truncated by the guest agent]");
+                }
+                if st.get("err-truncated").and_then(Value::as_bool) == Some(true) {
+                    stderr.push_str("\n[output truncated by the guest agent]");
+                }
+                let code = match (st.get("exitcode").and_then(Value::as_i64), st.get("signal").and_then(Value::as_i64)) {
+                    (Some(c), _) => c as i32,
+                    (None, Some(s)) => 128 + s as i32,
+                    (None, None) => -1,
+                };
+                return Ok(ExecOutput { code, stdout, stderr });
+            }
+            if Instant::now() >= deadline {
+                // Best effort: the agent has no kill command of its own.
+                let _ = self.raw_call(
+                    "guest-exec",
+                    &json!({"path": "/bin/kill", "arg": ["-KILL", pid.to_string()]}),
+                    Duration::from_secs(5),
+                );
+                return Err(Error::Vm(format!(
+                    "`{shown}` did not finish within {timeout:?} in {} (guest pid {pid}, killed)",
+                    self.name
+                )));
+            }
+            std::thread::sleep(delay.min(left()));
+            delay = (delay * 2).min(Duration::from_millis(250));
+        }
+    }
+
+    fn read_file(&self, path: &str, timeout: Duration) -> Result<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        let handle = self.call("guest-file-open", json!({"path": path, "mode": "r"}), left())?;
+        let handle = handle
+            .as_i64()
+            .ok_or_else(|| Error::Vm(format!("guest-file-open {path} in {}: no handle in {handle}", self.name)))?;
+        let read = || -> Result<Vec<u8>> {
+            let mut data = Vec::new();
+            loop {
+                let r = self.call("guest-file-read", json!({"handle": handle, "count": FILE_CHUNK}), left())?;
+                let chunk = r.get("buf-b64").and_then(Value::as_str).unwrap_or("");
+                data.extend(
+                    B64.decode(chunk)
+                        .map_err(|e| Error::Vm(format!("reading {path} in {}: bad base64: {e}", self.name)))?,
+                );
+                let count = r.get("count").and_then(Value::as_u64).unwrap_or(0);
+                if r.get("eof").and_then(Value::as_bool) == Some(true) || count == 0 {
+                    return Ok(data);
+                }
+            }
+        };
+        let result = read();
+        let closed = self.call("guest-file-close", json!({"handle": handle}), left());
+        let data = result?;
+        closed?;
+        Ok(data)
+    }
+
+    /// guest-shutdown answers nothing on success: an error answer within 3 s is a failure,
+    /// silence or the socket closing is success.
+    fn shutdown_request(&self) -> QResult<()> {
+        match self.raw_call("guest-shutdown", &json!({"mode": "powerdown"}), Duration::from_secs(3)) {
+            Ok(_) | Err(QgaError::Timeout(_)) | Err(QgaError::Closed) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// QMP
+
+fn qmp_call(path: &Path, command: &str, args: Option<Value>, timeout: Duration) -> QResult<Value> {
+    let deadline = Instant::now() + timeout;
+    let mut c = Conn::connect(path)?;
+    let greeting = c.read_line(deadline, "waiting for the QMP greeting")?;
+    let greeting: Value = serde_json::from_slice(&greeting).map_err(|e| QgaError::Protocol(e.to_string()))?;
+    if greeting.get("QMP").is_none() {
+        return Err(QgaError::Protocol(greeting.to_string()));
+    }
+    let mut exchange = |req: Value| -> QResult<Value> {
+        let mut msg = req.to_string().into_bytes();
+        msg.push(b'\n');
+        c.send(&msg, deadline)?;
+        loop {
+            let line = c.read_line(deadline, "waiting for QMP's answer")?;
+            let v: Value = serde_json::from_slice(&line).map_err(|e| QgaError::Protocol(e.to_string()))?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                return Err(QgaError::Agent {
+                    class: e.get("class").and_then(Value::as_str).unwrap_or("error").to_string(),
+                    desc: e.get("desc").and_then(Value::as_str).unwrap_or("").to_string(),
+                });
+            }
+            // an event: skip
+        }
+    };
+    exchange(json!({"execute": "qmp_capabilities"}))?;
+    let mut req = json!({"execute": command});
+    if let Some(a) = args {
+        req["arguments"] = a;
+    }
+    exchange(req)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufRead;
+    use std::os::unix::net::UnixListener;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    fn cfg(firmware: Firmware, network: bool) -> VmConfig {
+        VmConfig {
+            extra_disks: vec![PathBuf::from("/tmp/seed,1.img")],
+            firmware,
+            network,
+            ..VmConfig::new("t1", "/tmp/base.qcow2", "/tmp/w")
+        }
+    }
+
+    fn joined(a: &[String]) -> String {
+        a.join(" ")
+    }
+
+    #[test]
+    fn uefi_command_line() {
+        let c = cfg(Firmware::Uefi, true);
+        let a = qemu_args(&c, &VmPaths::in_workdir(&c.workdir), Accel::Tcg);
+        let s = joined(&a);
+        assert_eq!(a.iter().filter(|x| x.starts_with("if=pflash")).count(), 2, "{s}");
+        assert!(s.contains(&format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}")), "{s}");
+        assert!(s.contains("if=pflash,format=raw,unit=1,file=/tmp/w/OVMF_VARS.fd"), "{s}");
+        assert!(s.contains("-accel tcg,thread=multi -cpu max"), "{s}");
+        assert!(s.contains("-netdev user,id=n0,restrict=on -device virtio-net-pci,netdev=n0,romfile="), "{s}");
+        assert!(!s.contains("fwd"), "no forwards: {s}");
+        assert!(!s.contains("-nic"), "{s}");
+        assert!(s.contains("file=/tmp/w/overlay.qcow2,if=none,id=d0,format=qcow2"), "{s}");
+        assert!(s.contains("virtio-blk-pci,drive=d0,bootindex=0"), "{s}");
+        assert!(s.contains("file=/tmp/seed,,1.img,if=none,id=d1,format=raw,readonly=on"), "commas escaped: {s}");
+        assert!(s.contains("socket,id=qga0,path=/tmp/w/qga.sock,server=on,wait=off"), "{s}");
+        assert!(s.contains("name=org.qemu.guest_agent.0"), "{s}");
+        assert!(s.contains("-serial chardev:ser0") && s.contains("file,id=ser0,path=/tmp/w/serial.log"), "{s}");
+        assert!(s.contains("-device pvpanic -action panic=exit-failure"), "{s}");
+        assert!(s.contains("-nodefaults") && s.contains("-display none") && s.contains("-machine q35"), "{s}");
+        assert!(!s.contains("/tmp/base.qcow2"), "the base image is never opened directly: {s}");
+        assert!(!s.contains("-kernel"), "{s}");
+    }
+
+    #[test]
+    fn bios_command_line_without_network_with_kernel() {
+        let mut c = cfg(Firmware::Bios, false);
+        c.kernel = Some(("/k/vmlinuz".into(), "/k/initrd".into(), "root=/dev/vda rw console=ttyS0".into()));
+        let a = qemu_args(&c, &VmPaths::in_workdir(&c.workdir), Accel::Kvm);
+        let s = joined(&a);
+        assert!(!s.contains("pflash"), "{s}");
+        assert!(!s.contains("netdev") && !s.contains("user,"), "{s}");
+        assert!(s.contains("-accel kvm -cpu host"), "{s}");
+        let i = a.iter().position(|x| x == "-append").unwrap();
+        assert_eq!(a[i + 1], "root=/dev/vda rw console=ttyS0");
+        assert!(s.contains("-kernel /k/vmlinuz -initrd /k/initrd"), "{s}");
+        assert!(!s.contains("bootindex"), "-kernel takes bootindex 0: {s}");
+    }
+
+    #[test]
+    fn ansi_is_stripped() {
+        assert_eq!(strip_ansi("\x1b[2J\x1b[01;01Hhello\r\n\x1b[1mok\x1b[0m"), "hello\nok");
+    }
+
+    /// A fake agent: answers sync-delimited (after some stale output), ping, exec, exec-status,
+    /// file-open/read/close. `mute` makes it accept and never answer.
+    fn fake_agent(dir: &Path, mute: bool) -> (PathBuf, Arc<AtomicUsize>, Arc<Mutex<Vec<Value>>>) {
+        let path = dir.join("qga.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let polls = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (polls2, seen2) = (polls.clone(), seen.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+                // Stale output from a previous client: must be skipped.
+                if !mute {
+                    stream.write_all(b"{\"return\": {\"pid\": 1}}\n\xff{\"return\": 7}\n").unwrap();
+                }
+                let mut line = Vec::new();
+                while reader.read_until(b'\n', &mut line).map(|n| n > 0).unwrap_or(false) {
+                    let clean: Vec<u8> = line.iter().copied().filter(|&b| b != 0xFF).collect();
+                    line.clear();
+                    if mute {
+                        continue;
+                    }
+                    let Ok(req) = serde_json::from_slice::<Value>(&clean) else { continue };
+                    seen2.lock().unwrap().push(req.clone());
+                    let id = req.get("id").cloned().unwrap_or(Value::Null);
+                    let args = req.get("arguments").cloned().unwrap_or(Value::Null);
+                    let reply = |v: Value| {
+                        let mut r = json!({"return": v});
+                        if !id.is_null() {
+                            r["id"] = id.clone();
+                        }
+                        format!("{r}\n").into_bytes()
+                    };
+                    let out = match req["execute"].as_str().unwrap() {
+                        "guest-sync-delimited" => {
+                            let mut b = vec![0xFF];
+                            b.extend(format!("{}\n", json!({"return": args["id"]})).into_bytes());
+                            b
+                        }
+                        "guest-ping" => reply(json!({})),
+                        "guest-exec" if args["path"] == "/bin/hang" => reply(json!({"pid": 99})),
+                        "guest-exec" => reply(json!({"pid": 42})),
+                        "guest-exec-status" if args["pid"] == 99 => reply(json!({"exited": false})),
+                        "guest-exec-status" => {
+                            if polls2.fetch_add(1, Ordering::SeqCst) < 2 {
+                                reply(json!({"exited": false}))
+                            } else {
+                                reply(json!({"exited": true, "exitcode": 3,
+                                    "out-data": B64.encode("hello\n"), "err-data": B64.encode("warn")}))
+                            }
+                        }
+                        "guest-file-open" if args["path"] == "/nope" => {
+                            let mut r = json!({"error": {"class": "GenericError", "desc": "No such file"}});
+                            r["id"] = id.clone();
+                            format!("{r}\n").into_bytes()
+                        }
+                        "guest-file-open" => reply(json!(5)),
+                        "guest-file-read" => reply(json!({"count": 3, "buf-b64": B64.encode("abc"), "eof": true})),
+                        "guest-file-close" => reply(json!({})),
+                        _ => continue,
+                    };
+                    if stream.write_all(&out).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        (path, polls, seen)
+    }
+
+    #[test]
+    fn agent_exec_against_fake() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, polls, seen) = fake_agent(dir.path(), false);
+        let agent = Agent::new("fake", &path);
+        agent.wait(Duration::from_secs(5), &|| Ok(())).unwrap();
+        let out = agent.exec(&["/bin/cat", "-"], Some(b"secret"), Duration::from_secs(10)).unwrap();
+        assert_eq!(out, ExecOutput { code: 3, stdout: "hello\n".into(), stderr: "warn".into() });
+        assert_eq!(polls.load(Ordering::SeqCst), 3);
+        let seen = seen.lock().unwrap();
+        let exec = seen.iter().find(|r| r["execute"] == "guest-exec").unwrap();
+        assert_eq!(exec["arguments"]["path"], "/bin/cat");
+        assert_eq!(exec["arguments"]["arg"], json!(["-"]));
+        assert_eq!(exec["arguments"]["capture-output"], true);
+        assert_eq!(exec["arguments"]["input-data"], B64.encode("secret"));
+        drop(seen);
+        assert_eq!(agent.read_file("/etc/x", Duration::from_secs(5)).unwrap(), b"abc");
+        let err = agent.read_file("/nope", Duration::from_secs(5)).unwrap_err().to_string();
+        assert!(err.contains("No such file"), "{err}");
+        // The connection stays usable after an agent error.
+        assert_eq!(agent.read_file("/etc/x", Duration::from_secs(5)).unwrap(), b"abc");
+    }
+
+    #[test]
+    fn exec_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _, seen) = fake_agent(dir.path(), false);
+        let agent = Agent::new("fake", &path);
+        let t = Instant::now();
+        let err = agent.exec(&["/bin/hang"], None, Duration::from_millis(700)).unwrap_err().to_string();
+        assert!(err.contains("did not finish"), "{err}");
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        // It tried to kill the guest process.
+        assert!(seen.lock().unwrap().iter().any(|r| r["arguments"]["path"] == "/bin/kill"));
+    }
+
+    #[test]
+    fn silent_agent_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _, _) = fake_agent(dir.path(), true);
+        let agent = Agent::new("mute", &path);
+        let t = Instant::now();
+        let err = agent.wait(Duration::from_millis(1200), &|| Ok(())).unwrap_err().to_string();
+        assert!(err.contains("did not answer"), "{err}");
+        assert!(t.elapsed() >= Duration::from_millis(1200) && t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+        let err = agent.call("guest-ping", Value::Null, Duration::from_millis(300)).unwrap_err().to_string();
+        assert!(err.contains("timed out"), "{err}");
+    }
+
+    #[test]
+    fn missing_socket_times_out_and_dead_vm_fails_early() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = Agent::new("none", &dir.path().join("absent.sock"));
+        let t = Instant::now();
+        assert!(agent.wait(Duration::from_millis(800), &|| Ok(())).is_err());
+        assert!(t.elapsed() < Duration::from_secs(3));
+        let err = agent.wait(Duration::from_secs(60), &|| Err(Error::Vm("QEMU exited".into()))).unwrap_err();
+        assert_eq!(err.to_string(), "QEMU exited");
+    }
+
+    #[test]
+    fn sync_skips_stale_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _, _) = fake_agent(dir.path(), false);
+        let mut c = Conn::connect(&path).unwrap();
+        c.sync(Duration::from_secs(5)).unwrap();
+        assert!(c.synced);
+        assert_eq!(c.call("guest-ping", &Value::Null, Duration::from_secs(5)).unwrap(), json!({}));
+    }
+}

@@ -1,0 +1,110 @@
+//! Seeds: what makes a node itself at first boot. A NoCloud seed is a small FAT volume labelled
+//! `cidata` with meta-data (instance id, hostname), network-config (v2) and user-data that writes
+//! /etc/ncimage/node.json (0600: the node's identity and its role's secrets).
+
+use std::path::Path;
+
+use base64::Engine;
+
+use crate::error::Result;
+use crate::firstboot::NodeConfig;
+
+pub struct Seed {
+    pub meta_data: String,
+    pub user_data: String,
+    pub network_config: String,
+}
+
+/// `instance_id` must change whenever the node should run first boot again.
+pub fn nocloud(cfg: &NodeConfig, instance_id: &str, ssh_keys: &[String]) -> Seed {
+    let n = &cfg.node;
+    let meta_data = format!("instance-id: {instance_id}\nlocal-hostname: {}\n", n.name);
+    let prefix = n.network.rsplit_once('/').map(|(_, p)| p).unwrap_or("24");
+    let mut network_config = format!(
+        "version: 2\nethernets:\n  private:\n    match:\n      name: \"en*\"\n    dhcp4: false\n    dhcp6: false\n    addresses: [\"{}/{prefix}\"]\n",
+        n.address
+    );
+    if let Some(gw) = &n.gateway {
+        network_config.push_str(&format!("    routes:\n      - to: default\n        via: \"{gw}\"\n"));
+    }
+    let json = serde_json::to_vec_pretty(cfg).expect("serialisable");
+    let b64 = base64::engine::general_purpose::STANDARD.encode(json);
+    let mut user_data = String::from("#cloud-config\n# ncimage seed: this node's identity and its role's secrets.\n");
+    user_data.push_str(&format!(
+        "write_files:\n  - path: /etc/ncimage/node.json\n    owner: root:root\n    permissions: \"0600\"\n    encoding: b64\n    content: {b64}\n"
+    ));
+    if !ssh_keys.is_empty() {
+        user_data.push_str("ssh_authorized_keys:\n");
+        for k in ssh_keys {
+            user_data.push_str(&format!("  - \"{}\"\n", k.replace('"', "")));
+        }
+    }
+    Seed { meta_data, user_data, network_config }
+}
+
+impl Seed {
+    /// Writes the seed as a FAT volume labelled `cidata` (mode 0600: it holds secrets).
+    pub fn write_vfat(&self, path: &Path) -> Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(crate::Error::io("creating", path))?;
+        crate::fat::make_fat(
+            path,
+            2 << 20,
+            "cidata",
+            0x5eed_0001,
+            &[
+                ("meta-data", self.meta_data.as_bytes()),
+                ("user-data", self.user_data.as_bytes()),
+                ("network-config", self.network_config.as_bytes()),
+            ],
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::firstboot::Node;
+
+    fn cfg() -> NodeConfig {
+        NodeConfig {
+            node: Node { name: "redis-1".into(), role: "redis".into(), address: "10.0.2.15".into(), network: "10.0.2.0/24".into(), gateway: Some("10.0.2.2".into()) },
+            secrets: [("pw".to_string(), "s3cret".to_string())].into(),
+        }
+    }
+
+    #[test]
+    fn user_data_carries_node_json_base64_and_no_plain_secret() {
+        let s = nocloud(&cfg(), "i-1", &["ssh-ed25519 AAAA test".into()]);
+        assert!(s.user_data.starts_with("#cloud-config\n"));
+        assert!(!s.user_data.contains("s3cret"));
+        let b64 = s.user_data.lines().find_map(|l| l.trim().strip_prefix("content: ")).unwrap();
+        let json = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+        let back: NodeConfig = serde_json::from_slice(&json).unwrap();
+        assert_eq!(back.secrets["pw"], "s3cret");
+        assert!(s.meta_data.contains("instance-id: i-1") && s.meta_data.contains("local-hostname: redis-1"));
+        assert!(s.network_config.contains("10.0.2.15/24") && s.network_config.contains("via: \"10.0.2.2\""));
+        assert!(s.user_data.contains("ssh-ed25519 AAAA test"));
+    }
+
+    #[test]
+    fn vfat_seed_is_private_and_labelled() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("seed.img");
+        nocloud(&cfg(), "i-1", &[]).write_vfat(&p).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        let f = std::fs::File::open(&p).unwrap();
+        let fs = fatfs::FileSystem::new(f, fatfs::FsOptions::new()).unwrap();
+        assert_eq!(fs.volume_label().trim().to_ascii_lowercase(), "cidata");
+        let mut names: Vec<String> = fs.root_dir().iter().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        assert_eq!(names, vec!["meta-data", "network-config", "user-data"]);
+    }
+}

@@ -1,0 +1,347 @@
+//! Image specs: how images are built (suite, mirrors, sizes, LUKS parameters, formats).
+//! TOML with defaults and `deny_unknown_fields`; errors name file:line:column.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// The default spec, embedded so `ncimage build --role R` needs no file.
+pub const DEFAULT_SPEC: &str = include_str!("../../image-specs/default.toml");
+pub const DEFAULT_SPEC_NAME: &str = "image-specs/default.toml (embedded)";
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    #[serde(default = "default_name")]
+    pub name: String,
+    #[serde(default = "default_suite")]
+    pub suite: String,
+    #[serde(default)]
+    pub mirror: Option<String>,
+    #[serde(default)]
+    pub security_mirror: Option<String>,
+    #[serde(default)]
+    pub image: ImageSettings,
+    #[serde(default)]
+    pub luks: LuksSettings,
+    #[serde(default)]
+    pub roles: BTreeMap<String, RoleOverrides>,
+    /// sha256 of the spec text (set by the loader).
+    #[serde(skip_deserializing)]
+    pub sha256: String,
+    /// Where the spec came from (set by the loader).
+    #[serde(skip_deserializing)]
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageSettings {
+    #[serde(default = "d_root")]
+    pub root_size: Size,
+    #[serde(default = "d_boot")]
+    pub boot_size: Size,
+    #[serde(default = "d_esp")]
+    pub esp_size: Size,
+    #[serde(default = "d_formats")]
+    pub formats: Vec<Format>,
+    #[serde(default = "d_cmdline")]
+    pub kernel_cmdline: String,
+    #[serde(default = "d_epoch")]
+    pub source_date_epoch: u64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleOverrides {
+    pub root_size: Option<Size>,
+    pub boot_size: Option<Size>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Qcow2,
+    Raw,
+}
+
+impl Format {
+    pub fn extension(self) -> &'static str {
+        match self {
+            Format::Qcow2 => "qcow2",
+            Format::Raw => "raw",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LuksSettings {
+    #[serde(default = "d_cipher")]
+    pub cipher: String,
+    #[serde(default = "d_key_bits")]
+    pub key_bits: u32,
+    #[serde(default = "d_pbkdf")]
+    pub pbkdf: String,
+    #[serde(default = "d_pbkdf_mem")]
+    pub pbkdf_memory_kib: u32,
+    #[serde(default = "d_pbkdf_iter")]
+    pub pbkdf_iterations: u32,
+    #[serde(default = "d_pbkdf_par")]
+    pub pbkdf_parallel: u32,
+}
+
+/// A byte size written as an integer (bytes) or a string with a K/M/G/T suffix (powers of 1024).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(into = "u64")]
+pub struct Size(pub u64);
+
+impl From<Size> for u64 {
+    fn from(s: Size) -> u64 {
+        s.0
+    }
+}
+
+impl Size {
+    pub fn parse(s: &str) -> std::result::Result<Size, String> {
+        let t = s.trim();
+        let (num, mult) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+            None => (t, 1u64),
+            Some((i, _)) => {
+                let mult = match t[i..].trim().to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+                    "" => 1,
+                    "K" => 1 << 10,
+                    "M" => 1 << 20,
+                    "G" => 1 << 30,
+                    "T" => 1 << 40,
+                    other => return Err(format!("unknown size suffix `{other}` in `{s}`: use K, M, G or T")),
+                };
+                (&t[..i], mult)
+            }
+        };
+        let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a size: write e.g. \"2G\" or \"512M\""))?;
+        n.checked_mul(mult).map(Size).ok_or_else(|| format!("`{s}` is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Size, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Size(n)),
+            Raw::S(s) => Size::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+fn default_name() -> String {
+    "default".into()
+}
+fn default_suite() -> String {
+    "trixie".into()
+}
+fn d_root() -> Size {
+    Size(2 << 30)
+}
+fn d_boot() -> Size {
+    Size(256 << 20)
+}
+fn d_esp() -> Size {
+    Size(32 << 20)
+}
+fn d_formats() -> Vec<Format> {
+    vec![Format::Qcow2, Format::Raw]
+}
+fn d_cmdline() -> String {
+    "ro console=tty0 console=ttyS0,115200n8".into()
+}
+fn d_epoch() -> u64 {
+    1767225600
+}
+fn d_cipher() -> String {
+    "aes-xts-plain64".into()
+}
+fn d_key_bits() -> u32 {
+    512
+}
+fn d_pbkdf() -> String {
+    "argon2id".into()
+}
+fn d_pbkdf_mem() -> u32 {
+    65536
+}
+fn d_pbkdf_iter() -> u32 {
+    4
+}
+fn d_pbkdf_par() -> u32 {
+    1
+}
+
+impl Default for ImageSettings {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+impl Default for LuksSettings {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+const SPEC_HELP: &str = "see image-specs/default.toml for every key with its default";
+
+impl Spec {
+    /// Parses spec text; `path` is only used in messages.
+    pub fn parse(path: &str, text: &str) -> Result<Spec> {
+        let mut spec: Spec = toml::from_str(text).map_err(|e| Error::toml(path, text, &e, SPEC_HELP))?;
+        spec.sha256 = hex::encode(Sha256::digest(text.as_bytes()));
+        spec.source = path.to_string();
+        spec.validate(path)?;
+        Ok(spec)
+    }
+
+    /// Loads a spec file, or the embedded default when `path` is None.
+    pub fn load(path: Option<&Path>) -> Result<Spec> {
+        match path {
+            None => Spec::parse(DEFAULT_SPEC_NAME, DEFAULT_SPEC),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(Error::io("reading the spec", p))?;
+                Spec::parse(&p.display().to_string(), &text)
+            }
+        }
+    }
+
+    fn validate(&self, path: &str) -> Result<()> {
+        let bad = |what: String, help: &str| Err(Error::invalid(format!("{path}: {what}"), help));
+        if self.suite != "trixie" {
+            return bad(format!("suite `{}` is not supported", self.suite), "ncimage builds Debian 13: set suite = \"trixie\"");
+        }
+        let mib = 1 << 20;
+        for (what, size, min) in [
+            ("image.root_size", self.image.root_size, 512 * mib),
+            ("image.boot_size", self.image.boot_size, 64 * mib),
+            ("image.esp_size", self.image.esp_size, 16 * mib),
+        ] {
+            if size.0 < min || size.0 % mib != 0 {
+                return bad(format!("{what} = {} bytes", size.0), &format!("use a whole number of MiB, at least {} MiB", min / mib));
+            }
+        }
+        if self.image.formats.is_empty() {
+            return bad("image.formats is empty".into(), "list at least one of \"qcow2\", \"raw\"");
+        }
+        if self.luks.cipher != "aes-xts-plain64" || self.luks.key_bits != 512 {
+            return bad(
+                format!("luks cipher {} with {} bits", self.luks.cipher, self.luks.key_bits),
+                "ncimage encrypts with aes-xts-plain64 and a 512-bit key (AES-256 in XTS)",
+            );
+        }
+        if !["argon2id", "argon2i"].contains(&self.luks.pbkdf.as_str())
+            || !(1..=1 << 20).contains(&self.luks.pbkdf_memory_kib)
+            || self.luks.pbkdf_iterations < 4
+            || self.luks.pbkdf_parallel == 0
+        {
+            return bad(
+                "luks pbkdf settings out of range".into(),
+                "use argon2id, pbkdf_memory_kib <= 1048576 (a small guest needs 65536), pbkdf_iterations >= 4, pbkdf_parallel >= 1",
+            );
+        }
+        for (role, o) in &self.roles {
+            for size in [o.root_size, o.boot_size].into_iter().flatten() {
+                if size.0 < 64 * mib || size.0 % mib != 0 {
+                    return bad(format!("roles.{role}: size {} bytes", size.0), "use a whole number of MiB, at least 64 MiB");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn root_size(&self, role: &str) -> u64 {
+        self.roles.get(role).and_then(|o| o.root_size).unwrap_or(self.image.root_size).0
+    }
+    pub fn boot_size(&self, role: &str) -> u64 {
+        self.roles.get(role).and_then(|o| o.boot_size).unwrap_or(self.image.boot_size).0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_parses_with_documented_values() {
+        let s = Spec::load(None).unwrap();
+        assert_eq!(s.suite, "trixie");
+        assert_eq!(s.image.root_size, Size(2 << 30));
+        assert_eq!(s.luks.pbkdf_memory_kib, 65536);
+        assert_eq!(s.image.formats, vec![Format::Qcow2, Format::Raw]);
+        assert_eq!(s.sha256.len(), 64);
+    }
+
+    #[test]
+    fn empty_spec_gets_defaults() {
+        let s = Spec::parse("x.toml", "").unwrap();
+        assert_eq!(s.name, "default");
+        assert_eq!(s.root_size("redis"), 2 << 30);
+    }
+
+    #[test]
+    fn role_override_applies() {
+        let s = Spec::parse("x.toml", "[roles.redis]\nroot_size = \"3G\"\n").unwrap();
+        assert_eq!(s.root_size("redis"), 3 << 30);
+        assert_eq!(s.root_size("db"), 2 << 30);
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(Size::parse("512M").unwrap(), Size(512 << 20));
+        assert_eq!(Size::parse("2GiB").unwrap(), Size(2 << 30));
+        assert_eq!(Size::parse("1024").unwrap(), Size(1024));
+        assert!(Size::parse("2X").unwrap_err().contains("suffix"));
+        assert!(Size::parse("lots").is_err());
+    }
+
+    fn err(text: &str) -> String {
+        match Spec::parse("spec.toml", text) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("accepted: {text}"),
+        }
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_column() {
+        let e = err("name = \"x\"\n[image]\nroot_sise = \"2G\"\n");
+        assert!(e.starts_with("spec.toml:3:1"), "{e}");
+        assert!(e.contains("root_sise"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_line_and_column() {
+        let e = err("[image]\nformats = \"qcow2\"\n");
+        assert!(e.starts_with("spec.toml:2:11"), "{e}");
+    }
+
+    #[test]
+    fn malformed_toml_is_located() {
+        let e = err("name = \"x\n");
+        assert!(e.starts_with("spec.toml:1:"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_rejected_with_help() {
+        assert!(err("suite = \"bookworm\"").contains("not supported"));
+        assert!(err("[image]\nroot_size = \"10M\"").contains("root_size"));
+        assert!(err("[image]\nformats = []").contains("formats"));
+        assert!(err("[image]\nformats = [\"vmdk\"]").contains("vmdk"));
+        assert!(err("[luks]\npbkdf_memory_kib = 0").contains("pbkdf"));
+        assert!(err("[image]\nroot_size = \"2Q\"").contains("suffix"));
+    }
+}
