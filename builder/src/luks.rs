@@ -140,7 +140,6 @@ fn encrypt_ranges(fs: &Path, out: &Path, ranges: &[(u64, u64)], vk: &VolumeKey) 
             total += n as u64;
         }
     }
-    dst.sync_data().map_err(Error::io("syncing", out))?;
     Ok(total)
 }
 

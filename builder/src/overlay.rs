@@ -121,7 +121,7 @@ pub fn apply(inp: &Inputs, out_dir: &Path) -> Result<Output> {
     files.push((GUEST_BINARY.into(), bin, Some(0o755)));
     for unit in &inp.merged.after_firstboot {
         let body = format!(
-            "# Written by ncimage: this unit reads files that first boot renders from the node's seed.\n[Unit]\nRequires={FIRSTBOOT_UNIT}\nAfter={FIRSTBOOT_UNIT}\n"
+            "# Written by ncimage: this unit reads files that first boot renders from the node's seed.\n# Without a seed the node has no identity: the unit does not start.\n[Unit]\nRequires={FIRSTBOOT_UNIT}\nAfter={FIRSTBOOT_UNIT}\nConditionPathExists=/etc/ncimage/node.json\n"
         );
         files.push((format!("etc/systemd/system/{unit}.d/50-ncimage-firstboot.conf"), body.into_bytes(), Some(0o644)));
     }
