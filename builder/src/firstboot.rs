@@ -35,6 +35,9 @@ pub struct Node {
     pub network: String,
     #[serde(default)]
     pub gateway: Option<String>,
+    /// MAC address of the private interface (matches the seed's network config to the NIC).
+    #[serde(default)]
+    pub mac: Option<String>,
 }
 
 pub struct Paths {

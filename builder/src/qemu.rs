@@ -26,6 +26,8 @@ use crate::error::{Error, Result};
 
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// MAC address of the test VM's NIC (the seed's network config matches it).
+pub const TEST_MAC: &str = "52:54:00:12:34:56";
 /// Unified OVMF image used only by the KVM probe (read-only, no variable store needed).
 const OVMF_PROBE: &[&str] = &["/usr/share/qemu/OVMF.fd", "/usr/share/ovmf/OVMF.fd"];
 /// `sun_path` is 108 bytes including the terminating NUL.
@@ -171,7 +173,7 @@ pub fn qemu_args(cfg: &VmConfig, paths: &VmPaths, accel: Accel) -> Vec<String> {
     }
     if cfg.network {
         // restrict=on: the guest can reach no host and no other address. No forwards.
-        push(&["-netdev", "user,id=n0,restrict=on", "-device", "virtio-net-pci,netdev=n0,romfile="]);
+        push(&["-netdev", "user,id=n0,restrict=on", "-device", "virtio-net-pci,netdev=n0,romfile=,mac=52:54:00:12:34:56"]); // TEST_MAC
     }
     push(&["-chardev", &format!("socket,id=qga0,path={},server=on,wait=off", esc(&paths.qga_socket))]);
     push(&["-device", "virtio-serial-pci,id=vser0"]);
@@ -1037,7 +1039,7 @@ mod tests {
         assert!(s.contains(&format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}")), "{s}");
         assert!(s.contains("if=pflash,format=raw,unit=1,file=/tmp/w/OVMF_VARS.fd"), "{s}");
         assert!(s.contains("-accel tcg,thread=multi -cpu max"), "{s}");
-        assert!(s.contains("-netdev user,id=n0,restrict=on -device virtio-net-pci,netdev=n0,romfile="), "{s}");
+        assert!(s.contains("-netdev user,id=n0,restrict=on -device virtio-net-pci,netdev=n0,romfile=,mac=52:54:00:12:34:56"), "{s}");
         assert!(!s.contains("fwd"), "no forwards: {s}");
         assert!(!s.contains("-nic"), "{s}");
         assert!(s.contains("file=/tmp/w/overlay.qcow2,if=none,id=d0,format=qcow2"), "{s}");

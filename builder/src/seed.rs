@@ -20,12 +20,17 @@ pub fn nocloud(cfg: &NodeConfig, instance_id: &str, ssh_keys: &[String]) -> Seed
     let n = &cfg.node;
     let meta_data = format!("instance-id: {instance_id}\nlocal-hostname: {}\n", n.name);
     let prefix = n.network.rsplit_once('/').map(|(_, p)| p).unwrap_or("24");
+    // cloud-init's networkd renderer ignores name globs: match the NIC by its MAC address.
+    let matcher = match &n.mac {
+        Some(mac) => format!("macaddress: \"{}\"", mac.to_ascii_lowercase()),
+        None => "name: \"en*\"".to_string(),
+    };
     let mut network_config = format!(
-        "version: 2\nethernets:\n  private:\n    match:\n      name: \"en*\"\n    dhcp4: false\n    dhcp6: false\n    addresses: [\"{}/{prefix}\"]\n",
+        "version: 2\nethernets:\n  private:\n    match:\n      {matcher}\n    dhcp4: false\n    dhcp6: false\n    addresses: [\"{}/{prefix}\"]\n",
         n.address
     );
     if let Some(gw) = &n.gateway {
-        network_config.push_str(&format!("    routes:\n      - to: default\n        via: \"{gw}\"\n"));
+        network_config.push_str(&format!("    routes:\n      - to: \"0.0.0.0/0\"\n        via: \"{gw}\"\n"));
     }
     let json = serde_json::to_vec_pretty(cfg).expect("serialisable");
     let b64 = base64::engine::general_purpose::STANDARD.encode(json);
@@ -74,7 +79,7 @@ mod tests {
 
     fn cfg() -> NodeConfig {
         NodeConfig {
-            node: Node { name: "redis-1".into(), role: "redis".into(), address: "10.0.2.15".into(), network: "10.0.2.0/24".into(), gateway: Some("10.0.2.2".into()) },
+            node: Node { name: "redis-1".into(), role: "redis".into(), address: "10.0.2.15".into(), network: "10.0.2.0/24".into(), gateway: Some("10.0.2.2".into()), mac: Some("52:54:00:12:34:56".into()) },
             secrets: [("pw".to_string(), "s3cret".to_string())].into(),
         }
     }
@@ -89,6 +94,7 @@ mod tests {
         let back: NodeConfig = serde_json::from_slice(&json).unwrap();
         assert_eq!(back.secrets["pw"], "s3cret");
         assert!(s.meta_data.contains("instance-id: i-1") && s.meta_data.contains("local-hostname: redis-1"));
+        assert!(s.network_config.contains("macaddress: \"52:54:00:12:34:56\""));
         assert!(s.network_config.contains("10.0.2.15/24") && s.network_config.contains("via: \"10.0.2.2\""));
         assert!(s.user_data.contains("ssh-ed25519 AAAA test"));
     }

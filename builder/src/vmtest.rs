@@ -40,9 +40,9 @@ pub struct Report {
     pub analyze: String,
 }
 
-/// The single test node: user-mode networking (restrict=on) gives the guest 10.0.2.15.
+/// The single test node: user-mode networking (restrict=on) is 10.0.2.0/24, the guest 10.0.2.15.
 pub fn test_node(role: &str) -> Node {
-    Node { name: format!("{role}-test"), role: role.into(), address: "10.0.2.15".into(), network: "10.0.2.0/24".into(), gateway: Some("10.0.2.2".into()) }
+    Node { name: format!("{role}-test"), role: role.into(), address: "10.0.2.15".into(), network: "10.0.2.0/24".into(), gateway: Some("10.0.2.2".into()), mac: Some(crate::qemu::TEST_MAC.into()) }
 }
 
 pub fn image_disk(dir: &Path, role: &str) -> Result<PathBuf> {
@@ -87,7 +87,7 @@ pub fn run(o: &Options) -> Result<Report> {
     })?;
     let deadline = start + o.timeout;
     let left = || deadline.saturating_duration_since(Instant::now());
-    vm.wait_agent(left()).map_err(|e| with_log(e, &vm))?;
+    vm.wait_agent(left())?;
     say(&format!("guest agent answered after {:.1} s", start.elapsed().as_secs_f64()));
     // Ready: systemd has finished starting (running or degraded).
     loop {
