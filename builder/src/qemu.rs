@@ -391,7 +391,7 @@ impl Vm {
     pub fn wait_agent(&self, timeout: Duration) -> Result<()> {
         let alive = || match self.exit_status() {
             Some(status) => Err(self.died(status, "while waiting for the guest agent")),
-            None => Ok(()),
+            None => crate::interrupt::check(),
         };
         self.agent.wait(timeout, &alive).map_err(|e| match e {
             Error::Vm(msg) if self.exit_status().is_none() => Error::Vm(format!(
@@ -886,6 +886,7 @@ impl Agent {
             .ok_or_else(|| Error::Vm(format!("guest-exec `{shown}` in {}: no pid in {started}", self.name)))?;
         let mut delay = Duration::from_millis(20);
         loop {
+            crate::interrupt::check()?;
             // The status call gets a few seconds of its own, so a command that ends right at its
             // deadline is still seen as finished.
             let poll = left().clamp(Duration::from_secs(3), Duration::from_secs(30));
