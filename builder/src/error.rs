@@ -10,17 +10,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, Error, Diagnostic)]
 pub enum Error {
     /// A TOML file (spec, role, checks) that does not parse or does not fit its schema.
-    #[error("{path}: {message}")]
-    #[diagnostic(code(ncimage::toml), help("{help}"))]
-    Toml {
-        path: String,
-        message: String,
-        help: String,
-        #[source_code]
-        src: NamedSource<String>,
-        #[label("here")]
-        span: Option<SourceSpan>,
-    },
+    #[error(transparent)]
+    #[diagnostic(transparent)]
+    Toml(Box<TomlError>),
 
     /// A value that parses but makes no sense (unknown role, bad size, ...).
     #[error("{what}")]
@@ -82,14 +74,28 @@ impl Error {
                 format!(":{line}:{col}")
             })
             .unwrap_or_default();
-        Error::Toml {
+        Error::Toml(Box::new(TomlError {
             path: format!("{path}{position}"),
             message: err.message().trim().to_string(),
             help: help.to_string(),
             src: NamedSource::new(path, text.to_string()),
             span: span.map(|s| SourceSpan::from(s.start..s.end.max(s.start + 1).min(text.len().max(1)))),
-        }
+        }))
     }
+}
+
+/// A TOML error located at file:line:column, with the source shown under it.
+#[derive(Debug, Error, Diagnostic)]
+#[error("{path}: {message}")]
+#[diagnostic(code(ncimage::toml), help("{help}"))]
+pub struct TomlError {
+    pub path: String,
+    pub message: String,
+    pub help: String,
+    #[source_code]
+    pub src: NamedSource<String>,
+    #[label("here")]
+    pub span: Option<SourceSpan>,
 }
 
 /// 1-based line and column of a byte offset.

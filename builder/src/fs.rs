@@ -20,7 +20,7 @@ pub struct Params<'a> {
 /// Makes an ext4 image at `out` holding the tree in `tar`.
 pub fn make_ext4(tar: &Path, out: &Path, p: &Params) -> Result<()> {
     tools::require("mke2fs")?;
-    if p.size % BLOCK != 0 {
+    if !p.size.is_multiple_of(BLOCK) {
         return Err(Error::invalid(format!("filesystem size {} is not a multiple of 4 KiB", p.size), "use a size in MiB"));
     }
     let _ = std::fs::remove_file(out);

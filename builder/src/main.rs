@@ -122,7 +122,7 @@ fn run(cli: Cli) -> ncimage::Result<()> {
             Ok(())
         }
         Cmd::Firstboot { root } => {
-            let changed = firstboot::run(&firstboot::Paths::under(&root), root == PathBuf::from("/"))?;
+            let changed = firstboot::run(&firstboot::Paths::under(&root), root == std::path::Path::new("/"))?;
             println!("ncimage firstboot: {} file(s) rendered{}", changed.len(), if changed.is_empty() { String::new() } else { format!(": {}", changed.join(", ")) });
             Ok(())
         }

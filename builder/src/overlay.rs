@@ -84,7 +84,8 @@ pub fn apply(inp: &Inputs, out_dir: &Path) -> Result<Output> {
             let (rel, data) = match rel.strip_suffix(".tera") {
                 Some(stripped) => {
                     let text = String::from_utf8(raw).map_err(|_| Error::invalid(format!("{}: not UTF-8", src.display()), "templates are text"))?;
-                    let name = src.strip_prefix(&l.dir.parent().unwrap().parent().unwrap()).unwrap_or(&src).display().to_string();
+                    let folder = if l.kind == crate::layer::Kind::Role { "roles" } else { "overlays" };
+                    let name = format!("{folder}/{}/tree/{rel}", l.name);
                     (stripped.to_string(), template::render(&name, &text, &inp.context)?.into_bytes())
                 }
                 None => (rel, raw),
@@ -419,5 +420,103 @@ mod tests {
         assert_eq!(ids.id("redis", "user").unwrap(), 101);
         assert_eq!(ids.id("33", "user").unwrap(), 33);
         assert!(ids.id("nobody-here", "user").unwrap_err().to_string().contains("nobody-here"));
+    }
+
+    /// A synthetic base tree and layer through the whole overlay: files replaced and added with
+    /// owners from the tree's passwd, templates rendered, /boot split off, units enabled from
+    /// [Install], disabled links dropped, masks, first-boot plan and drop-ins.
+    #[test]
+    fn apply_on_a_synthetic_tree() {
+        use crate::layer::{Kind, Manifest};
+        let d = tempfile::tempdir().unwrap();
+        let base = d.path().join("base.tar");
+        {
+            let mut b = tar::Builder::new(File::create(&base).unwrap());
+            for dir in ["./", "./etc/", "./etc/systemd/", "./etc/systemd/system/", "./etc/systemd/system/multi-user.target.wants/", "./usr/", "./usr/lib/", "./usr/lib/systemd/", "./usr/lib/systemd/system/", "./boot/"] {
+                add_dir(&mut b, dir.trim_end_matches('/'), 1).unwrap();
+            }
+            add_file(&mut b, "./etc/passwd", b"root:x:0:0::/root:/bin/sh\nredis:x:101:104::/var/lib/redis:/usr/sbin/nologin\n", 0, 0, 0o644, 1).unwrap();
+            add_file(&mut b, "./etc/group", b"root:x:0:\nredis:x:104:\n", 0, 0, 0o644, 1).unwrap();
+            add_file(&mut b, "./etc/motd", b"old", 0, 0, 0o644, 1).unwrap();
+            add_file(&mut b, "./usr/lib/systemd/system/a@.service", b"[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=multi-user.target\n", 0, 0, 0o644, 1).unwrap();
+            add_file(&mut b, "./usr/lib/systemd/system/old.service", b"[Install]\nWantedBy=multi-user.target\n", 0, 0, 0o644, 1).unwrap();
+            add_symlink(&mut b, "./etc/systemd/system/multi-user.target.wants/old.service", "/usr/lib/systemd/system/old.service", 1).unwrap();
+            add_file(&mut b, "./boot/vmlinuz-6", b"kernel", 0, 0, 0o644, 1).unwrap();
+            add_symlink(&mut b, "./boot/vmlinuz", "vmlinuz-6", 1).unwrap();
+            b.finish().unwrap();
+        }
+        let ldir = d.path().join("roles/r");
+        std::fs::create_dir_all(ldir.join("tree/etc/r")).unwrap();
+        std::fs::create_dir_all(ldir.join("firstboot/etc/r")).unwrap();
+        std::fs::write(ldir.join("tree/etc/motd"), "new").unwrap();
+        std::fs::write(ldir.join("tree/etc/r/base.conf.tera"), "role={{ role.name }}").unwrap();
+        std::fs::write(ldir.join("firstboot/etc/r/node.conf.tera"), "bind {{ node.address }}").unwrap();
+        let manifest = Manifest {
+            enable: vec!["a@one.service".into()],
+            disable: vec!["old.service".into()],
+            mask: vec!["old.service".into()],
+            after_firstboot: vec!["a@.service".into()],
+            files: vec![crate::layer::FileAttr { path: "/etc/r/*".into(), owner: "redis".into(), group: "redis".into(), mode: "0640".into() }],
+            ..Default::default()
+        };
+        let layers = vec![Layer { name: "r".into(), kind: Kind::Role, dir: ldir, manifest }];
+        let merged = crate::layer::merge(&layers).unwrap();
+        let bin = d.path().join("ncimage");
+        std::fs::write(&bin, b"binary").unwrap();
+        let out = d.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let o = apply(
+            &Inputs {
+                rootfs_tar: &base,
+                layers: &layers,
+                merged: &merged,
+                role: "r",
+                spec_name: "default",
+                context: serde_json::json!({"role": {"name": "r"}}),
+                guest_binary: &bin,
+                grub_cfg: "linux /vmlinuz".into(),
+                mtime: 7,
+            },
+            &out,
+        )
+        .unwrap();
+        let read = |p: &Path| -> BTreeMap<String, (tar::EntryType, u64, u32, String)> {
+            let mut a = tar::Archive::new(File::open(p).unwrap());
+            a.entries()
+                .unwrap()
+                .map(|e| {
+                    let mut e = e.unwrap();
+                    let path = norm(&e.path().unwrap().to_string_lossy());
+                    let h = e.header().clone();
+                    let link = e.link_name().unwrap().map(|l| l.to_string_lossy().to_string());
+                    let mut body = String::new();
+                    if h.entry_type().is_file() {
+                        e.read_to_string(&mut body).unwrap();
+                    }
+                    (path, (h.entry_type(), h.uid().unwrap(), h.mode().unwrap(), link.unwrap_or(body)))
+                })
+                .collect()
+        };
+        let root = read(&o.root_tar);
+        let boot = read(&o.boot_tar);
+        assert_eq!(root["etc/motd"].3, "new", "layer file replaces the base's");
+        assert_eq!(root.keys().filter(|k| *k == "etc/motd").count(), 1);
+        assert_eq!(root["etc/r/base.conf"].3, "role=r");
+        assert_eq!((root["etc/r/base.conf"].1, root["etc/r/base.conf"].2), (101, 0o640), "owner from the tree's passwd");
+        assert!(root.contains_key("etc/r"), "parent folder added");
+        assert_eq!(root["usr/share/ncimage/firstboot/r/etc/r/node.conf.tera"].3, "bind {{ node.address }}");
+        assert_eq!(root["etc/systemd/system/multi-user.target.wants/a@one.service"].3, "/usr/lib/systemd/system/a@.service");
+        assert!(!root.contains_key("etc/systemd/system/multi-user.target.wants/old.service"), "disabled link kept");
+        assert_eq!(root["etc/systemd/system/old.service"].3, "/dev/null");
+        assert!(root["etc/systemd/system/a@.service.d/50-ncimage-firstboot.conf"].3.contains("After=ncimage-firstboot.service"));
+        assert_eq!(root[GUEST_BINARY].2, 0o755);
+        assert!(!root.keys().any(|k| k.starts_with("boot/")), "kernel left in the root tree");
+        assert!(root.contains_key("boot"), "no /boot mount point");
+        assert_eq!(boot["vmlinuz"].3, "vmlinuz-6");
+        assert_eq!(boot["grub/grub.cfg"].3, "linux /vmlinuz");
+        let info: ImageInfo = serde_json::from_str(&root[IMAGE_JSON].3).unwrap();
+        assert_eq!(info.firstboot[0].path, "/etc/r/node.conf");
+        assert_eq!((info.firstboot[0].owner.as_str(), info.firstboot[0].mode), ("redis", 0o640));
+        assert_eq!(info, o.info);
     }
 }

@@ -783,17 +783,25 @@ impl Conn {
                     continue; // an answer to an earlier, abandoned command
                 }
             }
-            if let Some(r) = v.get("return") {
-                return Ok(r.clone());
-            }
-            if let Some(e) = v.get("error") {
-                return Err(QgaError::Agent {
-                    class: e.get("class").and_then(Value::as_str).unwrap_or("error").to_string(),
-                    desc: e.get("desc").and_then(Value::as_str).unwrap_or("").to_string(),
-                });
+            if let Some(r) = reply(&v) {
+                return r;
             }
         }
     }
+}
+
+/// The answer in a QGA or QMP message: its `return`, or its `error` as an error; None for
+/// anything else (events).
+fn reply(v: &Value) -> Option<QResult<Value>> {
+    if let Some(r) = v.get("return") {
+        return Some(Ok(r.clone()));
+    }
+    v.get("error").map(|e| {
+        Err(QgaError::Agent {
+            class: e.get("class").and_then(Value::as_str).unwrap_or("error").to_string(),
+            desc: e.get("desc").and_then(Value::as_str).unwrap_or("").to_string(),
+        })
+    })
 }
 
 /// The guest agent of one VM: connects lazily, resynchronises after any failure.
@@ -990,14 +998,8 @@ fn qmp_call(path: &Path, command: &str, args: Option<Value>, timeout: Duration) 
         loop {
             let line = c.read_line(deadline, "waiting for QMP's answer")?;
             let v: Value = serde_json::from_slice(&line).map_err(|e| QgaError::Protocol(e.to_string()))?;
-            if let Some(r) = v.get("return") {
-                return Ok(r.clone());
-            }
-            if let Some(e) = v.get("error") {
-                return Err(QgaError::Agent {
-                    class: e.get("class").and_then(Value::as_str).unwrap_or("error").to_string(),
-                    desc: e.get("desc").and_then(Value::as_str).unwrap_or("").to_string(),
-                });
+            if let Some(r) = reply(&v) {
+                return r;
             }
             // an event: skip
         }
