@@ -117,8 +117,10 @@ pub fn build(o: &Options) -> Result<Manifest> {
         .prefix(&format!(".{}.tmp-", o.role))
         .tempdir_in(out_parent)
         .map_err(|e| Error::invalid(format!("cannot write in {}: {e}", out_parent.display()), "choose a writable folder with --out"))?;
-    let work = tmp.path().join("work");
-    std::fs::create_dir(&work).map_err(Error::io("creating", &work))?;
+    // Intermediate files (trees, filesystems, the LUKS volume) go to a private temporary folder,
+    // in memory (/dev/shm) when it has room: they never outlive the build.
+    let scratch = scratch_dir(tmp.path())?;
+    let work = scratch.path().to_path_buf();
     let mut p = Progress::new(o.quiet);
     let ids = Ids::new(&o.spec.name, &o.role);
     let epoch = o.spec.image.source_date_epoch;
@@ -177,23 +179,26 @@ pub fn build(o: &Options) -> Result<Manifest> {
     let boot_img = work.join("boot.img");
     let root_size = o.spec.root_size(&o.role);
     let boot_size = o.spec.boot_size(&o.role);
-    let (root_sha, used) = p.stage("fs", "ext4 root and /boot from the trees", || {
+    let used = p.stage("fs", "ext4 root and /boot from the trees", || {
         fs::make_ext4(&ov.root_tar, &root_img, &fs::Params { label: "root", uuid: &ids.root_fs, size: root_size, source_date_epoch: epoch })?;
         fs::make_ext4(&ov.boot_tar, &boot_img, &fs::Params { label: "boot", uuid: &ids.boot_fs, size: boot_size, source_date_epoch: epoch })?;
         let _ = std::fs::remove_file(&ov.root_tar);
-        let used = fs::used_blocks(&root_img)?;
-        Ok((export::sha256_file(&root_img)?, used))
+        let _ = std::fs::remove_file(&ov.boot_tar);
+        fs::used_blocks(&root_img)
     })?;
-    let boot_sha = export::sha256_file(&boot_img)?;
 
-    // luks
+    // luks, while another core hashes the filesystems for the manifest
     let root_luks = work.join("root.luks");
-    let luks_info = p.stage("luks", "LUKS2 encryption of the root", || {
-        let ranges: Vec<(u64, u64)> = used.iter().map(|&(s, n)| (s * fs::BLOCK, n * fs::BLOCK)).collect();
-        let info = luks::encrypt(&root_img, &ranges, &root_luks, &ids.luks, &key, &o.spec.luks, &work)?;
-        std::fs::remove_file(&root_img).map_err(Error::io("removing", &root_img))?;
-        Ok(info)
+    let (luks_info, root_sha, boot_sha) = std::thread::scope(|s| -> Result<_> {
+        let hashes = s.spawn(|| -> Result<(String, String)> { Ok((export::sha256_file(&root_img)?, export::sha256_file(&boot_img)?)) });
+        let info = p.stage("luks", "LUKS2 encryption of the root", || {
+            let ranges: Vec<(u64, u64)> = used.iter().map(|&(s, n)| (s * fs::BLOCK, n * fs::BLOCK)).collect();
+            luks::encrypt(&root_img, &ranges, &root_luks, &ids.luks, &key, &o.spec.luks, &work)
+        });
+        let (root_sha, boot_sha) = hashes.join().expect("hash thread")?;
+        Ok((info?, root_sha, boot_sha))
     })?;
+    std::fs::remove_file(&root_img).map_err(Error::io("removing", &root_img))?;
 
     // disk
     let raw = tmp.path().join(format!("{stem}.raw"));
@@ -210,7 +215,7 @@ pub fn build(o: &Options) -> Result<Manifest> {
             },
         )
     })?;
-    std::fs::remove_dir_all(&work).map_err(Error::io("removing", &work))?;
+    drop(scratch);
 
     // export
     let artifacts = p.stage("export", "formats, manifest, checksums", || export::write_formats(tmp.path(), &stem, &o.spec.image.formats))?;
@@ -266,6 +271,27 @@ pub fn build(o: &Options) -> Result<Manifest> {
     std::fs::rename(&kept, &o.out).map_err(Error::io("renaming into", &o.out))?;
     let _ = std::fs::remove_dir_all(&old);
     Ok(manifest)
+}
+
+/// A private temporary folder for intermediate files: in /dev/shm when it has 6 GiB free
+/// ($NCIMAGE_SCRATCH overrides), else beside the output.
+fn scratch_dir(fallback: &Path) -> Result<tempfile::TempDir> {
+    let shm = Path::new("/dev/shm");
+    let dir = match std::env::var_os("NCIMAGE_SCRATCH") {
+        Some(d) => PathBuf::from(d),
+        None if free_bytes(shm) > 6 << 30 => shm.to_path_buf(),
+        None => fallback.to_path_buf(),
+    };
+    tempfile::Builder::new().prefix("ncimage-work-").tempdir_in(&dir).map_err(Error::io("creating a scratch folder in", &dir))
+}
+
+fn free_bytes(p: &Path) -> u64 {
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else { return 0 };
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return 0;
+    }
+    st.f_bavail as u64 * st.f_frsize as u64
 }
 
 #[cfg(test)]

@@ -25,43 +25,44 @@ pub struct Artifact {
 }
 
 /// Writes `raw` (already in `dir`, named `<stem>.raw`) out in every format; drops the raw file
-/// when raw is not asked for. Returns the artifacts, hashed in parallel.
+/// when raw is not asked for. Each format is converted and hashed on its own thread, the raw
+/// image hashed meanwhile.
 pub fn write_formats(dir: &Path, stem: &str, formats: &[Format]) -> Result<Vec<Artifact>> {
     let raw = dir.join(format!("{stem}.raw"));
-    let mut files = Vec::new();
-    for f in formats {
-        match f {
-            Format::Raw => files.push((format!("{stem}.raw"), "raw")),
-            Format::Qcow2 => {
-                tools::require("qemu-img")?;
-                let out = dir.join(format!("{stem}.qcow2"));
-                tools::run(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&out))?;
-                files.push((format!("{stem}.qcow2"), "qcow2"));
-            }
-        }
+    if formats.contains(&Format::Qcow2) {
+        tools::require("qemu-img")?;
     }
-    if !formats.contains(&Format::Raw) {
-        std::fs::remove_file(&raw).map_err(Error::io("removing", &raw))?;
-    }
+    let artifact = |name: String, format: &str| -> Result<Artifact> {
+        let path = dir.join(&name);
+        let meta = std::fs::metadata(&path).map_err(Error::io("reading", &path))?;
+        Ok(Artifact {
+            file: name,
+            format: format.to_string(),
+            size_bytes: meta.len(),
+            allocated_bytes: meta.blocks() * 512,
+            sha256: sha256_file(&path)?,
+        })
+    };
     let results: Vec<Result<Artifact>> = std::thread::scope(|s| {
-        let handles: Vec<_> = files
+        let handles: Vec<_> = formats
             .iter()
-            .map(|(name, format)| {
-                let path = dir.join(name);
-                s.spawn(move || {
-                    let meta = std::fs::metadata(&path).map_err(Error::io("reading", &path))?;
-                    Ok(Artifact {
-                        file: name.clone(),
-                        format: format.to_string(),
-                        size_bytes: meta.len(),
-                        allocated_bytes: meta.blocks() * 512,
-                        sha256: sha256_file(&path)?,
-                    })
+            .map(|f| {
+                let raw = &raw;
+                s.spawn(move || match f {
+                    Format::Raw => artifact(format!("{stem}.raw"), "raw"),
+                    Format::Qcow2 => {
+                        let out = dir.join(format!("{stem}.qcow2"));
+                        tools::run(Command::new("qemu-img").args(["convert", "-W", "-f", "raw", "-O", "qcow2"]).arg(raw).arg(&out))?;
+                        artifact(format!("{stem}.qcow2"), "qcow2")
+                    }
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("hash thread")).collect()
+        handles.into_iter().map(|h| h.join().expect("export thread")).collect()
     });
+    if !formats.contains(&Format::Raw) {
+        std::fs::remove_file(&raw).map_err(Error::io("removing", &raw))?;
+    }
     results.into_iter().collect()
 }
 
