@@ -57,7 +57,8 @@ fn build_is_reproducible_verifiable_and_encrypted() {
     for fs in ["root", "boot"] {
         assert_eq!(ma["filesystems"][fs]["sha256"], mb["filesystems"][fs]["sha256"], "{fs} filesystem differs between two builds");
     }
-    assert_eq!(ma["inputs"]["rootfs_cached"], true, "second build must reuse the cached tree");
+    assert_eq!(mb["inputs"]["rootfs_cached"], true, "the second build must reuse the cached tree");
+    assert_eq!(ma["inputs"]["rootfs_cache_key"], mb["inputs"]["rootfs_cache_key"]);
     // SHA256SUMS verifies with the standard tool.
     for dir in [a, b.as_path()] {
         let out = Command::new("sha256sum").arg("-c").arg("SHA256SUMS").current_dir(dir).output().unwrap();
