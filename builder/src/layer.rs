@@ -46,6 +46,9 @@ pub struct Manifest {
     pub firewall: Firewall,
     #[serde(default)]
     pub files: Vec<FileAttr>,
+    /// Checkers run in the finished image tree at build time (see validate.rs).
+    #[serde(default)]
+    pub validate: Vec<crate::validate::Validate>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

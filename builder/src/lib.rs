@@ -21,6 +21,7 @@ pub mod seed;
 pub mod spec;
 pub mod template;
 pub mod tools;
+pub mod validate;
 pub mod vmtest;
 
 pub use error::{Error, Result};

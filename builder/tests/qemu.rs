@@ -168,3 +168,28 @@ fn qemu_children(pid: u32) -> usize {
     let out = Command::new("pgrep").args(["-P", &pid.to_string(), "qemu-system"]).output().unwrap();
     String::from_utf8_lossy(&out.stdout).lines().count()
 }
+
+#[test]
+#[ignore = "builds an image: scripts/test"]
+fn a_config_its_checker_rejects_stops_the_build() {
+    image(); // warm cache
+    let proj = scratch().join("broken-project");
+    let _ = std::fs::remove_dir_all(&proj);
+    std::fs::create_dir_all(&proj).unwrap();
+    for dir in ["roles", "overlays"] {
+        let ok = Command::new("cp").arg("-r").arg(project().join(dir)).arg(&proj).status().unwrap();
+        assert!(ok.success());
+    }
+    let conf = proj.join("overlays/base/tree/etc/ssh/sshd_config.d/50-ncimage.conf");
+    let mut text = std::fs::read_to_string(&conf).unwrap();
+    text.push_str("PermitRootLogn no\n");
+    std::fs::write(&conf, text).unwrap();
+    let out = scratch().join("broken");
+    let _ = std::fs::remove_dir_all(&out);
+    let o = cmd(&["build", "--role", ROLE, "--quiet", "--out", out.to_str().unwrap()]).env("NCIMAGE_PROJECT", &proj).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a broken sshd config was accepted");
+    assert!(err.contains("validation `sshd -t` failed") && err.contains("PermitRootLogn"), "{err}");
+    assert!(!out.exists(), "a failed build left {}", out.display());
+    std::fs::remove_dir_all(&proj).unwrap();
+}
