@@ -152,11 +152,7 @@ pub fn build(o: &Options) -> Result<Manifest> {
 
     // overlay
     let cmdline = format!("root=/dev/mapper/root {}", o.spec.image.kernel_cmdline);
-    let context = serde_json::json!({
-        "role": { "name": o.role, "firewall": merged.firewall, "secrets": merged.secrets.iter().map(|s| &s.name).collect::<Vec<_>>() },
-        "image": { "spec": o.spec.name, "suite": o.spec.suite, "layers": layers.iter().map(|l| &l.name).collect::<Vec<_>>() },
-        "ids": { "luks": ids.luks, "root_fs": ids.root_fs, "boot_fs": ids.boot_fs },
-    });
+    let context = build_context(&o.spec, &o.role, &layers, &merged, &ids);
     let ov = p.stage("overlay", "layers, templates and units", || {
         overlay::apply(
             &overlay::Inputs {
@@ -278,6 +274,15 @@ pub fn build(o: &Options) -> Result<Manifest> {
     std::fs::rename(&kept, &o.out).map_err(Error::io("renaming into", &o.out))?;
     let _ = std::fs::remove_dir_all(&old);
     Ok(manifest)
+}
+
+/// The context of build-time templates (tree/*.tera).
+pub fn build_context(spec: &Spec, role: &str, layers: &[layer::Layer], merged: &layer::Merged, ids: &Ids) -> serde_json::Value {
+    serde_json::json!({
+        "role": { "name": role, "firewall": merged.firewall, "secrets": merged.secrets.iter().map(|s| &s.name).collect::<Vec<_>>() },
+        "image": { "spec": spec.name, "suite": spec.suite, "layers": layers.iter().map(|l| &l.name).collect::<Vec<_>>() },
+        "ids": { "luks": ids.luks, "root_fs": ids.root_fs, "boot_fs": ids.boot_fs },
+    })
 }
 
 /// A private temporary folder for intermediate files: in /dev/shm when it has 6 GiB free

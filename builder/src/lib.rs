@@ -15,6 +15,7 @@ pub mod luks;
 pub mod overlay;
 pub mod progress;
 pub mod qemu;
+pub mod render;
 pub mod rootfs;
 pub mod secrets;
 pub mod seed;

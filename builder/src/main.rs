@@ -57,6 +57,13 @@ enum Cmd {
         #[arg(short, long)]
         quiet: bool,
     },
+    /// Print every template of a role rendered (first-boot ones for the test node; secrets by name).
+    Render {
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        spec: Option<PathBuf>,
+    },
     /// List the roles (folders under roles/).
     Roles,
     /// In the guest: render this node's files from its seed (run by ncimage-firstboot.service).
@@ -68,6 +75,8 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // Printing into a closed pipe (`ncimage render | head`) ends the process quietly.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let filter = match cli.verbose {
         0 => "warn",
@@ -110,6 +119,15 @@ fn run(cli: Cli) -> ncimage::Result<()> {
             let project = Project::locate(cli.project.as_deref())?;
             let image_dir = image.unwrap_or_else(|| PathBuf::from("out").join(&role));
             vmtest::run(&vmtest::Options { role, project, image_dir, firmware, timeout: Duration::from_secs(timeout), memory_mib: memory, cpus, quiet })?;
+            Ok(())
+        }
+        Cmd::Render { role, spec } => {
+            let spec = Spec::load(spec.as_deref())?;
+            let project = Project::locate(cli.project.as_deref())?;
+            for f in ncimage::render::render(&project, &spec, &role)? {
+                println!("==> {} ({}, from {})", f.path, f.phase, f.source);
+                println!("{}", f.text.trim_end());
+            }
             Ok(())
         }
         Cmd::Roles => {
