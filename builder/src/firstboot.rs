@@ -38,6 +38,9 @@ pub struct Node {
     /// MAC address of the private interface (matches the seed's network config to the NIC).
     #[serde(default)]
     pub mac: Option<String>,
+    /// Role-specific settings of this node from the cluster spec (e.g. db_replica, server_id).
+    #[serde(default)]
+    pub vars: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 pub struct Paths {

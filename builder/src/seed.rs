@@ -79,7 +79,7 @@ mod tests {
 
     fn cfg() -> NodeConfig {
         NodeConfig {
-            node: Node { name: "redis-1".into(), role: "redis".into(), address: "10.0.2.15".into(), network: "10.0.2.0/24".into(), gateway: Some("10.0.2.2".into()), mac: Some("52:54:00:12:34:56".into()) },
+            node: Node { name: "redis-1".into(), role: "redis".into(), address: "10.0.2.15".into(), network: "10.0.2.0/24".into(), gateway: Some("10.0.2.2".into()), mac: Some("52:54:00:12:34:56".into()), vars: Default::default() },
             secrets: [("pw".to_string(), "s3cret".to_string())].into(),
         }
     }

@@ -42,7 +42,7 @@ pub struct Report {
 
 /// The single test node: user-mode networking (restrict=on) is 10.0.2.0/24, the guest 10.0.2.15.
 pub fn test_node(role: &str) -> Node {
-    Node { name: format!("{role}-test"), role: role.into(), address: "10.0.2.15".into(), network: "10.0.2.0/24".into(), gateway: Some("10.0.2.2".into()), mac: Some(crate::qemu::TEST_MAC.into()) }
+    Node { name: format!("{role}-test"), role: role.into(), address: "10.0.2.15".into(), network: "10.0.2.0/24".into(), gateway: Some("10.0.2.2".into()), mac: Some(crate::qemu::TEST_MAC.into()), vars: Default::default() }
 }
 
 pub fn image_disk(dir: &Path, role: &str) -> Result<PathBuf> {

@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 const ROLE: &str = "redis";
@@ -31,16 +30,25 @@ fn ok(out: Output) -> String {
     text
 }
 
-/// The image every boot test uses, built once per test process.
+/// The image of the redis role, which most tests use, built once per test process.
 fn image() -> &'static Path {
-    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
-    IMAGE.get_or_init(|| {
-        let out = scratch().join("a");
-        let t = Instant::now();
-        ok(cmd(&["build", "--role", ROLE, "--quiet", "--out", out.to_str().unwrap()]).output().unwrap());
-        eprintln!("build a: {:.1} s", t.elapsed().as_secs_f64());
-        out
-    })
+    image_for(ROLE)
+}
+
+/// The image of a role, built once per test process.
+fn image_for(role: &str) -> &'static Path {
+    static IMAGES: std::sync::Mutex<Vec<(String, &'static Path)>> = std::sync::Mutex::new(Vec::new());
+    let mut images = IMAGES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, p)) = images.iter().find(|(r, _)| r == role) {
+        return p;
+    }
+    let out = scratch().join(if role == ROLE { "a".to_string() } else { role.to_string() });
+    let t = Instant::now();
+    ok(cmd(&["build", "--role", role, "--quiet", "--out", out.to_str().unwrap()]).output().unwrap());
+    eprintln!("build {role}: {:.1} s", t.elapsed().as_secs_f64());
+    let p: &'static Path = Box::leak(out.into_boxed_path());
+    images.push((role.to_string(), p));
+    p
 }
 
 fn manifest(dir: &Path) -> serde_json::Value {
@@ -112,27 +120,33 @@ fn interrupted_build_leaves_nothing() {
     }
 }
 
-fn boot(firmware: &str) {
-    let dir = image();
+fn boot(role: &str, firmware: &str, must_pass: &str) {
+    let dir = image_for(role);
     let t = Instant::now();
-    let text = ok(cmd(&["test", "--role", ROLE, "--image", dir.to_str().unwrap(), "--firmware", firmware]).output().unwrap());
+    let text = ok(cmd(&["test", "--role", role, "--image", dir.to_str().unwrap(), "--firmware", firmware]).output().unwrap());
     eprintln!("{text}");
-    eprintln!("{firmware}: test took {:.1} s", t.elapsed().as_secs_f64());
+    eprintln!("{role} {firmware}: test took {:.1} s", t.elapsed().as_secs_f64());
     assert!(text.contains("ok   base / root mapping is a LUKS2 volume"), "{text}");
-    assert!(text.contains("ok   redis / sessions answers PING with the seed's password"), "{text}");
+    assert!(text.contains(&format!("ok   {role} / {must_pass}")), "{text}");
     assert!(!text.contains("FAIL"), "{text}");
 }
 
 #[test]
 #[ignore = "boots QEMU: scripts/test"]
 fn boots_under_uefi_and_passes_checks() {
-    boot("uefi");
+    boot(ROLE, "uefi", "sessions answers PING with the seed's password");
 }
 
 #[test]
 #[ignore = "boots QEMU: scripts/test"]
 fn boots_under_bios_and_passes_checks() {
-    boot("bios");
+    boot(ROLE, "bios", "sessions answers PING with the seed's password");
+}
+
+#[test]
+#[ignore = "boots QEMU: scripts/test"]
+fn db_role_boots_and_passes_checks() {
+    boot("db", "uefi", "Nextcloud settings: InnoDB, READ-COMMITTED, binlog ROW, utf8mb4");
 }
 
 #[test]
