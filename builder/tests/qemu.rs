@@ -156,15 +156,20 @@ fn ctrl_c_during_a_boot_kills_qemu_and_cleans_up() {
     let before = temp_dirs();
     let mut child = cmd(&["test", "--role", ROLE, "--image", dir.to_str().unwrap()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     std::thread::sleep(Duration::from_secs(15));
-    assert!(qemu_children(child.id()) > 0, "QEMU did not start");
+    let qemus = qemu_children(child.id());
+    assert!(!qemus.is_empty(), "QEMU did not start");
     let t = Instant::now();
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let status = child.wait().unwrap();
     assert!(!status.success());
     assert!(t.elapsed() < Duration::from_secs(20), "took {:?} to stop", t.elapsed());
     std::thread::sleep(Duration::from_millis(500));
-    let qemus = Command::new("pgrep").args(["-f", "ncimage-test-"]).output().unwrap();
-    assert!(qemus.stdout.is_empty(), "QEMU left running: {}", String::from_utf8_lossy(&qemus.stdout));
+    for pid in qemus {
+        // Gone, or a zombie waiting for init to reap it.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.rsplit(')').next().unwrap_or("").split_whitespace().next().unwrap_or("");
+        assert!(stat.is_empty() || state == "Z", "QEMU {pid} left running ({state})");
+    }
     let after = temp_dirs();
     assert!(after.difference(&before).next().is_none(), "temporary folders left: {:?}", after.difference(&before).collect::<Vec<_>>());
 }
@@ -178,9 +183,10 @@ fn temp_dirs() -> std::collections::BTreeSet<String> {
         .collect()
 }
 
-fn qemu_children(pid: u32) -> usize {
+/// PIDs of the QEMU processes `pid` started.
+fn qemu_children(pid: u32) -> Vec<u32> {
     let out = Command::new("pgrep").args(["-P", &pid.to_string(), "qemu-system"]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).lines().count()
+    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect()
 }
 
 #[test]
