@@ -98,6 +98,15 @@ pub fn run(p: &Paths, apply: bool) -> Result<Vec<String>> {
             e => e,
         })?;
         let dest = p.root.join(f.path.trim_start_matches('/'));
+        // A template that renders to nothing but white space means "this node has no such file"
+        // (e.g. lsyncd's config on a node without a secondary): it is removed, not written.
+        if rendered.trim().is_empty() {
+            if dest.exists() {
+                std::fs::remove_file(&dest).map_err(Error::io("removing", &dest))?;
+                changed.push(f.path.clone());
+            }
+            continue;
+        }
         let same = std::fs::read(&dest).map(|old| old == rendered.as_bytes()).unwrap_or(false);
         if !same {
             write_atomic(&dest, rendered.as_bytes(), f.mode)?;
@@ -176,6 +185,19 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&out).unwrap(), "bind 10.0.0.5\npass s3cret\n");
         assert_eq!(std::fs::metadata(&out).unwrap().permissions().mode() & 0o777, 0o640);
         assert!(run(&p, false).unwrap().is_empty(), "second run changed files");
+    }
+
+    #[test]
+    fn a_template_rendering_empty_removes_its_file() {
+        let d = setup(Some("x"));
+        let p = Paths::under(d.path());
+        run(&p, false).unwrap();
+        let out = d.path().join("etc/redis/r.conf");
+        assert!(out.exists());
+        std::fs::write(d.path().join("usr/share/ncimage/firstboot/redis/etc/redis/r.conf.tera"), "{% if node.vars.peer is defined %}peer{% endif %}\n").unwrap();
+        assert_eq!(run(&p, false).unwrap(), vec!["/etc/redis/r.conf".to_string()]);
+        assert!(!out.exists());
+        assert!(run(&p, false).unwrap().is_empty());
     }
 
     #[test]

@@ -151,6 +151,12 @@ fn db_role_boots_and_passes_checks() {
 
 #[test]
 #[ignore = "boots QEMU: scripts/test"]
+fn nfs_role_boots_and_passes_checks() {
+    boot("nfs", "uefi", "a client mounts it over NFSv4.2; www-data writes, root is squashed");
+}
+
+#[test]
+#[ignore = "boots QEMU: scripts/test"]
 fn ctrl_c_during_a_boot_kills_qemu_and_cleans_up() {
     let dir = image();
     let before = temp_dirs();
