@@ -173,7 +173,7 @@ pub fn build(o: &Options) -> Result<Manifest> {
     let checkers: usize = layers.iter().map(|l| l.manifest.validate.len()).sum();
     if checkers > 0 {
         p.stage("validate", &format!("{checkers} config checkers in the image tree"), || {
-            crate::validate::run(&ov.root_tar, &layers, &merged.secrets, &o.role, &work)
+            crate::validate::run(&ov.root_tar, &layers, &merged, &o.role, &work)
         })?;
     }
 

@@ -55,14 +55,30 @@ impl Paths {
     }
 }
 
-/// The template context of first-boot files and of checks.
+/// The template context of first-boot files and of checks. `host` holds what first boot reads
+/// off the machine itself: the name of the private interface.
 pub fn context(node: &NodeConfig, info: &ImageInfo) -> serde_json::Value {
     serde_json::json!({
         "node": node.node,
         "secrets": node.secrets,
         "role": { "name": info.role, "firewall": info.firewall },
         "image": { "spec": info.spec, "layers": info.layers },
+        "host": { "interface": private_interface(Path::new("/sys/class/net"), &node.node) },
     })
+}
+
+/// The interface that carries the private network: the one with the seed's MAC address, else
+/// node.vars.interface, else eth0.
+pub fn private_interface(sys_class_net: &Path, node: &Node) -> String {
+    if let Some(mac) = &node.mac {
+        for e in std::fs::read_dir(sys_class_net).into_iter().flatten().flatten() {
+            let addr = std::fs::read_to_string(e.path().join("address")).unwrap_or_default();
+            if addr.trim().eq_ignore_ascii_case(mac) {
+                return e.file_name().to_string_lossy().to_string();
+            }
+        }
+    }
+    node.vars.get("interface").and_then(|v| v.as_str()).unwrap_or("eth0").to_string()
 }
 
 /// Renders every first-boot file; returns the paths that changed. With `apply`, also chowns
@@ -185,6 +201,21 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&out).unwrap(), "bind 10.0.0.5\npass s3cret\n");
         assert_eq!(std::fs::metadata(&out).unwrap().permissions().mode() & 0o777, 0o640);
         assert!(run(&p, false).unwrap().is_empty(), "second run changed files");
+    }
+
+    #[test]
+    fn private_interface_is_found_by_mac() {
+        let d = tempfile::tempdir().unwrap();
+        for (name, mac) in [("lo", "00:00:00:00:00:00"), ("enp0s3", "52:54:00:12:34:56")] {
+            std::fs::create_dir_all(d.path().join(name)).unwrap();
+            std::fs::write(d.path().join(name).join("address"), format!("{mac}\n")).unwrap();
+        }
+        let mut node = crate::vmtest::test_node("lb", &Default::default());
+        assert_eq!(private_interface(d.path(), &node), "enp0s3");
+        node.mac = Some("52:54:00:ff:ff:ff".into());
+        assert_eq!(private_interface(d.path(), &node), "eth0");
+        node.vars.insert("interface".into(), "ens3".into());
+        assert_eq!(private_interface(d.path(), &node), "ens3");
     }
 
     #[test]

@@ -49,6 +49,9 @@ pub struct Manifest {
     /// Checkers run in the finished image tree at build time (see validate.rs).
     #[serde(default)]
     pub validate: Vec<crate::validate::Validate>,
+    /// node.vars of the test node (`ncimage test`, build-time validation, `ncimage render`).
+    #[serde(default)]
+    pub test_vars: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -60,6 +63,19 @@ pub struct SecretDecl {
     /// Random bytes behind the secret (rendered as hex).
     #[serde(default = "d_bytes")]
     pub bytes: usize,
+    #[serde(default)]
+    pub kind: SecretKind,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum SecretKind {
+    /// Random bytes as hex.
+    #[default]
+    Hex,
+    /// A self-signed TLS certificate and its private key (P-256), one PEM, for labs and tests;
+    /// production seeds carry the real certificate.
+    TlsPem,
 }
 fn d_bytes() -> usize {
     24
@@ -76,6 +92,9 @@ pub struct Firewall {
     /// TCP ports open to everyone.
     #[serde(default)]
     pub public_tcp: Vec<u16>,
+    /// IP protocols (by nft name, e.g. "vrrp") accepted from the private network.
+    #[serde(default)]
+    pub private_protocols: Vec<String>,
 }
 
 /// Owner and mode of files this layer writes (build-time or first-boot). `path` is an absolute
@@ -301,6 +320,7 @@ pub struct Merged {
     pub secrets: Vec<SecretDecl>,
     pub firewall: Firewall,
     pub files: Vec<FileAttr>,
+    pub test_vars: BTreeMap<String, serde_json::Value>,
 }
 
 pub fn merge(layers: &[Layer]) -> Result<Merged> {
@@ -326,12 +346,16 @@ pub fn merge(layers: &[Layer]) -> Result<Merged> {
         m.firewall.private_tcp.extend(&x.firewall.private_tcp);
         m.firewall.private_udp.extend(&x.firewall.private_udp);
         m.firewall.public_tcp.extend(&x.firewall.public_tcp);
+        m.firewall.private_protocols.extend(x.firewall.private_protocols.iter().cloned());
         m.files.extend(x.files.iter().cloned());
+        m.test_vars.extend(x.test_vars.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
     for v in [&mut m.firewall.private_tcp, &mut m.firewall.private_udp, &mut m.firewall.public_tcp] {
         v.sort_unstable();
         v.dedup();
     }
+    m.firewall.private_protocols.sort();
+    m.firewall.private_protocols.dedup();
     Ok(m)
 }
 
@@ -388,7 +412,7 @@ mod tests {
 
     #[test]
     fn duplicate_secret_is_an_error() {
-        let s = SecretDecl { name: "x".into(), description: String::new(), bytes: 8 };
+        let s = SecretDecl { name: "x".into(), description: String::new(), bytes: 8, kind: SecretKind::Hex };
         let mk = |n: &str| Layer {
             name: n.into(),
             kind: Kind::Overlay,

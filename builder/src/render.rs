@@ -25,7 +25,7 @@ pub fn render(project: &Project, spec: &Spec, role: &str) -> Result<Vec<Rendered
     let ids = Ids::new(&spec.name, role);
     let build_ctx = build_context(spec, role, &layers, &merged, &ids);
     let node = NodeConfig {
-        node: crate::vmtest::test_node(role),
+        node: crate::vmtest::test_node(role, &merged),
         secrets: merged.secrets.iter().map(|s| (s.name.clone(), format!("<secret:{}>", s.name))).collect(),
     };
     let info = ImageInfo {

@@ -6,7 +6,26 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::layer::SecretDecl;
+use crate::layer::{SecretDecl, SecretKind};
+
+/// A self-signed certificate (P-256, 825 days) and its key in one PEM, made by openssl in a
+/// private temporary folder that is removed at once.
+fn self_signed_pem(name: &str) -> Result<String> {
+    crate::tools::require("openssl")?;
+    let d = tempfile::Builder::new().prefix("ncimage-tls-").tempdir().map_err(Error::io("creating a temporary folder", std::env::temp_dir()))?;
+    let (key, cert) = (d.path().join("key.pem"), d.path().join("cert.pem"));
+    crate::tools::run(
+        std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "825"])
+            .args(["-subj", &format!("/CN=ncimage lab {name}"), "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
+    )?;
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).map_err(Error::io("reading", p));
+    Ok(format!("{}{}", read(&cert)?, read(&key)?))
+}
 
 #[derive(Clone, Default, Serialize)]
 #[serde(transparent)]
@@ -23,9 +42,15 @@ impl Secrets {
     pub fn generate(decls: &[SecretDecl]) -> Result<Secrets> {
         let mut m = BTreeMap::new();
         for d in decls {
-            let mut b = vec![0u8; d.bytes.max(16)];
-            getrandom::fill(&mut b).map_err(|e| Error::Vm(format!("no randomness: {e}")))?;
-            m.insert(d.name.clone(), hex::encode(b));
+            let value = match d.kind {
+                SecretKind::Hex => {
+                    let mut b = vec![0u8; d.bytes.max(16)];
+                    getrandom::fill(&mut b).map_err(|e| Error::Vm(format!("no randomness: {e}")))?;
+                    hex::encode(b)
+                }
+                SecretKind::TlsPem => self_signed_pem(&d.name)?,
+            };
+            m.insert(d.name.clone(), value);
         }
         Ok(Secrets(m))
     }
@@ -49,8 +74,8 @@ mod tests {
     #[test]
     fn generated_per_declaration_distinct_and_redacted() {
         let decls = vec![
-            SecretDecl { name: "a".into(), description: String::new(), bytes: 32 },
-            SecretDecl { name: "b".into(), description: String::new(), bytes: 4 },
+            SecretDecl { name: "a".into(), description: String::new(), bytes: 32, kind: SecretKind::Hex },
+            SecretDecl { name: "b".into(), description: String::new(), bytes: 4, kind: SecretKind::Hex },
         ];
         let s = Secrets::generate(&decls).unwrap();
         assert_eq!(s.0["a"].len(), 64);
@@ -59,5 +84,17 @@ mod tests {
         let text = format!("pw={} other={}", s.0["a"], s.0["b"]);
         assert_eq!(s.redact(&text), "pw=<secret:a> other=<secret:b>");
         assert!(!format!("{s:?}").contains(&s.0["a"]));
+    }
+
+    #[test]
+    fn tls_secret_is_a_certificate_with_its_key() {
+        let decls = vec![SecretDecl { name: "tls".into(), description: String::new(), bytes: 0, kind: SecretKind::TlsPem }];
+        let s = Secrets::generate(&decls).unwrap();
+        let pem = &s.0["tls"];
+        assert!(pem.starts_with("-----BEGIN CERTIFICATE-----") && pem.contains("-----BEGIN PRIVATE KEY-----"), "{pem}");
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("p.pem"), pem).unwrap();
+        let out = crate::tools::run(std::process::Command::new("openssl").args(["x509", "-noout", "-subject", "-in"]).arg(d.path().join("p.pem"))).unwrap();
+        assert!(out.contains("ncimage lab tls"), "{out}");
     }
 }

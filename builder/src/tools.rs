@@ -17,6 +17,7 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("grub-mkimage", "grub-common, grub-pc-bin and grub-efi-amd64-bin (bookworm-backports)"),
     ("qemu-img", "qemu-utils (bookworm-backports)"),
     ("qemu-system-x86_64", "qemu-system-x86 (bookworm-backports)"),
+    ("openssl", "openssl"),
 ];
 
 /// Finds `tool` on PATH or fails naming the package that provides it.

@@ -41,8 +41,17 @@ pub struct Report {
 }
 
 /// The single test node: user-mode networking (restrict=on) is 10.0.2.0/24, the guest 10.0.2.15.
-pub fn test_node(role: &str) -> Node {
-    Node { name: format!("{role}-test"), role: role.into(), address: "10.0.2.15".into(), network: "10.0.2.0/24".into(), gateway: Some("10.0.2.2".into()), mac: Some(crate::qemu::TEST_MAC.into()), vars: Default::default() }
+/// Its vars are the role's `test_vars`.
+pub fn test_node(role: &str, merged: &layer::Merged) -> Node {
+    Node {
+        name: format!("{role}-test"),
+        role: role.into(),
+        address: "10.0.2.15".into(),
+        network: "10.0.2.0/24".into(),
+        gateway: Some("10.0.2.2".into()),
+        mac: Some(crate::qemu::TEST_MAC.into()),
+        vars: merged.test_vars.clone(),
+    }
 }
 
 pub fn image_disk(dir: &Path, role: &str) -> Result<PathBuf> {
@@ -65,7 +74,7 @@ pub fn run(o: &Options) -> Result<Report> {
         }
     };
     let secrets = Secrets::generate(&merged.secrets)?;
-    let cfg = NodeConfig { node: test_node(&o.role), secrets: secrets.0.clone() };
+    let cfg = NodeConfig { node: test_node(&o.role, &merged), secrets: secrets.0.clone() };
     let work = tempfile::Builder::new().prefix("ncimage-test-").tempdir().map_err(Error::io("creating a temporary folder", std::env::temp_dir()))?;
     let seed_path = work.path().join("seed.img");
     let mut nonce = [0u8; 8];
@@ -107,7 +116,12 @@ pub fn run(o: &Options) -> Result<Report> {
 
     let info_text = vm.read_file("/etc/ncimage/image.json")?;
     let info: ImageInfo = serde_json::from_slice(&info_text).map_err(|e| Error::Vm(format!("/etc/ncimage/image.json in the guest: {e}")))?;
-    let ctx = firstboot::context(&cfg, &info);
+    let mut ctx = firstboot::context(&cfg, &info);
+    // What first boot read off the guest (its private interface), read off the guest here too.
+    let nics = vm.sh("for i in /sys/class/net/*; do echo \"${i##*/} $(cat $i/address)\"; done", Duration::from_secs(30))?.stdout;
+    if let Some(name) = nics.lines().find_map(|l| l.split_once(' ').filter(|(_, mac)| mac.eq_ignore_ascii_case(crate::qemu::TEST_MAC)).map(|(n, _)| n.to_string())) {
+        ctx["host"]["interface"] = serde_json::Value::String(name);
+    }
     let mut results = Vec::new();
     for l in &layers {
         for c in l.checks()? {
@@ -215,7 +229,7 @@ mod tests {
         for role in project.roles() {
             let layers = project.layers_for(&role).unwrap();
             let merged = layer::merge(&layers).unwrap();
-            let cfg = NodeConfig { node: test_node(&role), secrets: Secrets::generate(&merged.secrets).unwrap().0 };
+            let cfg = NodeConfig { node: test_node(&role, &merged), secrets: Secrets::generate(&merged.secrets).unwrap().0 };
             let info = ImageInfo {
                 role: role.clone(),
                 spec: "default".into(),
@@ -226,7 +240,12 @@ mod tests {
                 reload_after_firstboot: vec![],
                 ncimage_version: String::new(),
             };
-            let ctx = firstboot::context(&cfg, &info);
+            let mut ctx = firstboot::context(&cfg, &info);
+    // What first boot read off the guest (its private interface), read off the guest here too.
+    let nics = vm.sh("for i in /sys/class/net/*; do echo \"${i##*/} $(cat $i/address)\"; done", Duration::from_secs(30))?.stdout;
+    if let Some(name) = nics.lines().find_map(|l| l.split_once(' ').filter(|(_, mac)| mac.eq_ignore_ascii_case(crate::qemu::TEST_MAC)).map(|(n, _)| n.to_string())) {
+        ctx["host"]["interface"] = serde_json::Value::String(name);
+    }
             let mut n = 0;
             for l in &layers {
                 for c in l.checks().unwrap() {

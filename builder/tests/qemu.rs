@@ -157,6 +157,12 @@ fn nfs_role_boots_and_passes_checks() {
 
 #[test]
 #[ignore = "boots QEMU: scripts/test"]
+fn lb_role_boots_and_passes_checks() {
+    boot("lb", "uefi", "TLS 1.2 and 1.3 only, with the seed's certificate");
+}
+
+#[test]
+#[ignore = "boots QEMU: scripts/test"]
 fn ctrl_c_during_a_boot_kills_qemu_and_cleans_up() {
     let dir = image();
     let before = temp_dirs();
