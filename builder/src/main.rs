@@ -26,12 +26,15 @@ struct Cli {
 enum Cmd {
     /// Build the image of one role.
     Build {
+        #[arg(long, required_unless_present = "all", conflicts_with = "all")]
+        role: Option<String>,
+        /// Build every role (each into <out>/<role>, default out/<role>).
         #[arg(long)]
-        role: String,
+        all: bool,
         /// Image spec (TOML); default: the embedded image-specs/default.toml.
         #[arg(long)]
         spec: Option<PathBuf>,
-        /// Output folder (replaced atomically); default: out/<role>.
+        /// Output folder (replaced atomically); default: out/<role>. With --all: the parent folder.
         #[arg(long)]
         out: Option<PathBuf>,
         /// No progress output.
@@ -99,19 +102,36 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> ncimage::Result<()> {
     match cli.command {
-        Cmd::Build { role, spec, out, quiet } => {
+        Cmd::Build { role, all, spec, out, quiet } => {
             let spec = Spec::load(spec.as_deref())?;
             let project = Project::locate(cli.project.as_deref())?;
-            let out = out.unwrap_or_else(|| PathBuf::from("out").join(&role));
             let guest_binary = std::env::current_exe().map_err(ncimage::Error::io("locating", "the ncimage binary"))?;
-            let m = build::build(&build::Options { role, spec, project, out: out.clone(), cache: rootfs::cache_dir(), guest_binary, quiet })?;
-            if !quiet {
-                println!("built {} in {}", m.role, out.display());
-                for a in &m.artifacts {
-                    println!("  {} {:>6} MiB ({} MiB allocated) sha256 {}", a.file, a.size_bytes >> 20, a.allocated_bytes >> 20, &a.sha256[..16]);
+            let roles = match role {
+                Some(r) => vec![(r.clone(), out.unwrap_or_else(|| PathBuf::from("out").join(&r)))],
+                None => {
+                    let parent = out.unwrap_or_else(|| PathBuf::from("out"));
+                    project.roles().into_iter().map(|r| (r.clone(), parent.join(r))).collect()
                 }
-                let total: f64 = m.timings_seconds.0.values().sum();
-                println!("  stages: {} (total {total:.1} s)", m.timings_seconds.0.iter().map(|(k, v)| format!("{k} {v:.1} s")).collect::<Vec<_>>().join(", "));
+            };
+            debug_assert!(all || roles.len() == 1);
+            for (role, out) in roles {
+                let m = build::build(&build::Options {
+                    role,
+                    spec: spec.clone(),
+                    project: project.clone(),
+                    out: out.clone(),
+                    cache: rootfs::cache_dir(),
+                    guest_binary: guest_binary.clone(),
+                    quiet,
+                })?;
+                if !quiet {
+                    println!("built {} in {}", m.role, out.display());
+                    for a in &m.artifacts {
+                        println!("  {} {:>6} MiB ({} MiB allocated) sha256 {}", a.file, a.size_bytes >> 20, a.allocated_bytes >> 20, &a.sha256[..16]);
+                    }
+                    let total: f64 = m.timings_seconds.0.values().sum();
+                    println!("  stages: {} (total {total:.1} s)", m.timings_seconds.0.iter().map(|(k, v)| format!("{k} {v:.1} s")).collect::<Vec<_>>().join(", "));
+                }
             }
             Ok(())
         }

@@ -92,3 +92,11 @@ fn roles_are_listed() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("redis\t")));
 }
+
+#[test]
+fn build_needs_a_role_or_all() {
+    let d = tempfile::tempdir().unwrap();
+    fails_with(&ncimage(&["build"], d.path()), &["--role"]);
+    fails_with(&ncimage(&["build", "--all", "--role", "redis"], d.path()), &["cannot be used with"]);
+    no_artifacts(d.path());
+}
