@@ -60,6 +60,8 @@ pub struct VmConfig {
     pub workdir: PathBuf,
     /// User-mode networking with `restrict=on` (the guest reaches no address).
     pub network: bool,
+    /// Host-to-guest TCP forwards (host port on 127.0.0.1 only, guest port); needs `network`.
+    pub forwards: Vec<(u16, u16)>,
     /// Direct kernel boot: (kernel, initrd, kernel command line). No secrets in the cmdline.
     pub kernel: Option<(PathBuf, PathBuf, String)>,
 }
@@ -76,6 +78,7 @@ impl VmConfig {
             cpus: 2,
             workdir: workdir.into(),
             network: false,
+            forwards: Vec::new(),
             kernel: None,
         }
     }
@@ -172,8 +175,14 @@ pub fn qemu_args(cfg: &VmConfig, paths: &VmPaths, accel: Accel) -> Vec<String> {
         push(&["-device", &format!("virtio-blk-pci,drive={id}")]);
     }
     if cfg.network {
-        // restrict=on: the guest can reach no host and no other address. No forwards.
-        push(&["-netdev", "user,id=n0,restrict=on", "-device", "virtio-net-pci,netdev=n0,romfile=,mac=52:54:00:12:34:56"]); // TEST_MAC
+        // restrict=on: the guest can reach no host and no other address. Forwards only from
+        // 127.0.0.1 on the host into the guest.
+        let mut netdev = String::from("user,id=n0,restrict=on");
+        for (host, guest) in &cfg.forwards {
+            netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
+        }
+        let device = format!("virtio-net-pci,netdev=n0,romfile=,mac={TEST_MAC}");
+        push(&["-netdev", &netdev, "-device", &device]);
     }
     push(&["-chardev", &format!("socket,id=qga0,path={},server=on,wait=off", esc(&paths.qga_socket))]);
     push(&["-device", "virtio-serial-pci,id=vser0"]);
@@ -1043,6 +1052,10 @@ mod tests {
         assert!(s.contains("if=pflash,format=raw,unit=1,file=/tmp/w/OVMF_VARS.fd"), "{s}");
         assert!(s.contains("-accel tcg,thread=multi -cpu max"), "{s}");
         assert!(s.contains("-netdev user,id=n0,restrict=on -device virtio-net-pci,netdev=n0,romfile=,mac=52:54:00:12:34:56"), "{s}");
+        let mut c = cfg(Firmware::Uefi, true);
+        c.forwards = vec![(40022, 22)];
+        let s = joined(&qemu_args(&c, &VmPaths::in_workdir(&c.workdir), Accel::Tcg));
+        assert!(s.contains("user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22 "), "{s}");
         assert!(!s.contains("fwd"), "no forwards: {s}");
         assert!(!s.contains("-nic"), "{s}");
         assert!(s.contains("file=/tmp/w/overlay.qcow2,if=none,id=d0,format=qcow2"), "{s}");

@@ -81,6 +81,9 @@ pub fn run(o: &Options) -> Result<Report> {
     getrandom::fill(&mut nonce).map_err(|e| Error::Vm(format!("no randomness: {e}")))?;
     seed::nocloud(&cfg, &format!("{}-{}", cfg.node.name, hex::encode(nonce)), &[]).write_vfat(&seed_path)?;
 
+    // Host ends of two forwards (127.0.0.1 only): SSH, declared by every image, and a port no
+    // layer declares, for the firewall's traffic test.
+    let (ssh_port, probe_port) = (free_port()?, free_port()?);
     say(&format!("booting {} ({:?}, {} MiB, {} vCPU) with a fresh seed for {}", disk.display(), o.firmware, o.memory_mib, o.cpus, cfg.node.name));
     let start = Instant::now();
     let vm = Vm::start(VmConfig {
@@ -92,6 +95,7 @@ pub fn run(o: &Options) -> Result<Report> {
         cpus: o.cpus,
         workdir: work.path().join("vm"),
         network: true,
+        forwards: vec![(ssh_port, 22), (probe_port, PROBE_PORT)],
         kernel: None,
     })?;
     let deadline = start + o.timeout;
@@ -122,7 +126,10 @@ pub fn run(o: &Options) -> Result<Report> {
     if let Some(name) = nics.lines().find_map(|l| l.split_once(' ').filter(|(_, mac)| mac.eq_ignore_ascii_case(crate::qemu::TEST_MAC)).map(|(n, _)| n.to_string())) {
         ctx["host"]["interface"] = serde_json::Value::String(name);
     }
-    let mut results = Vec::new();
+    let mut results = firewall_traffic(&vm, &info, ssh_port, probe_port);
+    for r in &results {
+        say(&format!("{} firewall / {}{}", if r.ok { "ok  " } else { "FAIL" }, r.name, if r.ok { String::new() } else { format!("\n     {}", r.detail) }));
+    }
     for l in &layers {
         for c in l.checks()? {
             crate::interrupt::check()?;
@@ -149,6 +156,60 @@ pub fn run(o: &Options) -> Result<Report> {
     let _ = vm.shutdown(Duration::from_secs(30));
     say(&format!("{} passed, 0 failed ({} checks; ready after {:.1} s)", results.len(), results.len(), ready_after.as_secs_f64()));
     Ok(Report { ready_after, results, analyze })
+}
+
+/// A port no layer declares (the traffic test listens there in the guest).
+const PROBE_PORT: u16 = 7777;
+
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(Error::io("binding", "127.0.0.1:0"))?;
+    Ok(l.local_addr().map_err(Error::io("binding", "127.0.0.1:0"))?.port())
+}
+
+/// Sends a line to 127.0.0.1:port and returns what comes back within `wait`.
+fn exchange(port: u16, line: &[u8], wait: Duration) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(5)) else { return String::new() };
+    let _ = s.set_read_timeout(Some(wait));
+    let _ = s.write_all(line);
+    let mut buf = [0u8; 256];
+    match s.read(&mut buf) {
+        Ok(n) => String::from_utf8_lossy(&buf[..n]).to_string(),
+        Err(_) => String::new(),
+    }
+}
+
+/// Real traffic through the guest's firewall, from the private network (user-mode networking
+/// delivers host connections from 10.0.2.2): SSH, declared, answers; a listener on a port no
+/// layer declares gets nothing through, and does once that port is opened by hand.
+fn firewall_traffic(vm: &Vm, info: &ImageInfo, ssh_port: u16, probe_port: u16) -> Vec<CheckResult> {
+    let mut out = Vec::new();
+    let mut push = |name: &str, ok: bool, detail: String| out.push(CheckResult { name: name.into(), ok, detail });
+    let banner = exchange(ssh_port, b"", Duration::from_secs(10));
+    push("SSH (declared) answers from the private network", banner.starts_with("SSH-2.0-"), format!("got {banner:?}"));
+    if info.firewall.private_tcp.contains(&PROBE_PORT) || info.firewall.public_tcp.contains(&PROBE_PORT) {
+        push("probe port is undeclared", false, format!("port {PROBE_PORT} is declared by a layer: pick another probe port"));
+        return out;
+    }
+    let started = vm.sh(
+        &format!("systemd-run --quiet --unit=ncimage-probe /usr/bin/systemd-socket-activate --accept --inetd -l {PROBE_PORT} /bin/cat"),
+        Duration::from_secs(30),
+    );
+    if let Err(e) = started.as_ref().map_err(|e| e.to_string()).and_then(|o| if o.code == 0 { Ok(()) } else { Err(o.stderr.clone()) }) {
+        push("an undeclared port is dropped", false, format!("could not start the probe listener: {e}"));
+        return out;
+    }
+    let blocked = exchange(probe_port, b"ncimage-probe\n", Duration::from_secs(8));
+    push("an undeclared port is dropped by nftables", blocked.is_empty(), format!("the probe answered {blocked:?}"));
+    let opened = vm.sh(&format!("nft insert rule inet filter input tcp dport {PROBE_PORT} accept"), Duration::from_secs(30));
+    let echoed = exchange(probe_port, b"ncimage-probe\n", Duration::from_secs(8));
+    push(
+        "the same port answers once opened (the drop was the firewall's)",
+        opened.map(|o| o.code == 0).unwrap_or(false) && echoed.starts_with("ncimage-probe"),
+        format!("got {echoed:?}"),
+    );
+    let _ = vm.sh(&format!("systemctl stop ncimage-probe.service; nft delete rule inet filter input handle $(nft -a list chain inet filter input | sed -n 's/.*tcp dport {PROBE_PORT} accept # handle //p')"), Duration::from_secs(30));
+    out
 }
 
 /// None when the check passes, else why it failed.
