@@ -1052,10 +1052,10 @@ mod tests {
         assert!(s.contains("if=pflash,format=raw,unit=1,file=/tmp/w/OVMF_VARS.fd"), "{s}");
         assert!(s.contains("-accel tcg,thread=multi -cpu max"), "{s}");
         assert!(s.contains("-netdev user,id=n0,restrict=on -device virtio-net-pci,netdev=n0,romfile=,mac=52:54:00:12:34:56"), "{s}");
-        let mut c = cfg(Firmware::Uefi, true);
-        c.forwards = vec![(40022, 22)];
-        let s = joined(&qemu_args(&c, &VmPaths::in_workdir(&c.workdir), Accel::Tcg));
-        assert!(s.contains("user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22 "), "{s}");
+        let mut c2 = cfg(Firmware::Uefi, true);
+        c2.forwards = vec![(40022, 22)];
+        let s2 = joined(&qemu_args(&c2, &VmPaths::in_workdir(&c2.workdir), Accel::Tcg));
+        assert!(s2.contains("user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22 "), "forwards only from 127.0.0.1: {s2}");
         assert!(!s.contains("fwd"), "no forwards: {s}");
         assert!(!s.contains("-nic"), "{s}");
         assert!(s.contains("file=/tmp/w/overlay.qcow2,if=none,id=d0,format=qcow2"), "{s}");
