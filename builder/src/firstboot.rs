@@ -133,6 +133,9 @@ pub fn run(p: &Paths, apply: bool) -> Result<Vec<String>> {
             crate::tools::run(Command::new("chown").arg(format!("{}:{}", f.owner, f.group)).arg(&dest))?;
         }
     }
+    if apply && changed.iter().any(|p| p.starts_with("/etc/systemd/")) {
+        crate::tools::run(Command::new("systemctl").arg("daemon-reload"))?;
+    }
     if apply && !changed.is_empty() {
         for unit in &info.reload_after_firstboot {
             crate::tools::run(Command::new("systemctl").args(["try-reload-or-restart", unit]))?;

@@ -76,6 +76,8 @@ pub enum SecretKind {
     /// A self-signed TLS certificate and its private key (P-256), one PEM, for labs and tests;
     /// production seeds carry the real certificate.
     TlsPem,
+    /// An OpenSSH ed25519 private key (its public half is derived where it is needed).
+    SshEd25519,
 }
 fn d_bytes() -> usize {
     24

@@ -8,6 +8,15 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::layer::{SecretDecl, SecretKind};
 
+/// An ed25519 OpenSSH private key, made by ssh-keygen in a private temporary folder.
+fn ssh_key(name: &str) -> Result<String> {
+    crate::tools::require("ssh-keygen")?;
+    let d = tempfile::Builder::new().prefix("ncimage-ssh-").tempdir().map_err(Error::io("creating a temporary folder", std::env::temp_dir()))?;
+    let key = d.path().join("key");
+    crate::tools::run(std::process::Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", &format!("ncimage {name}"), "-f"]).arg(&key))?;
+    std::fs::read_to_string(&key).map_err(Error::io("reading", &key))
+}
+
 /// A self-signed certificate (P-256, 825 days) and its key in one PEM, made by openssl in a
 /// private temporary folder that is removed at once.
 fn self_signed_pem(name: &str) -> Result<String> {
@@ -49,6 +58,7 @@ impl Secrets {
                     hex::encode(b)
                 }
                 SecretKind::TlsPem => self_signed_pem(&d.name)?,
+                SecretKind::SshEd25519 => ssh_key(&d.name)?,
             };
             m.insert(d.name.clone(), value);
         }
@@ -84,6 +94,20 @@ mod tests {
         let text = format!("pw={} other={}", s.0["a"], s.0["b"]);
         assert_eq!(s.redact(&text), "pw=<secret:a> other=<secret:b>");
         assert!(!format!("{s:?}").contains(&s.0["a"]));
+    }
+
+    #[test]
+    fn ssh_secret_is_an_ed25519_private_key() {
+        let decls = vec![SecretDecl { name: "k".into(), description: String::new(), bytes: 0, kind: SecretKind::SshEd25519 }];
+        let key = &Secrets::generate(&decls).unwrap().0["k"];
+        assert!(key.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----"), "{key}");
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("k");
+        std::fs::write(&p, key).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let public = crate::tools::run(std::process::Command::new("ssh-keygen").arg("-y").arg("-f").arg(&p)).unwrap();
+        assert!(public.starts_with("ssh-ed25519 "), "{public}");
     }
 
     #[test]

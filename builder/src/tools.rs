@@ -18,6 +18,7 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("qemu-img", "qemu-utils (bookworm-backports)"),
     ("qemu-system-x86_64", "qemu-system-x86 (bookworm-backports)"),
     ("openssl", "openssl"),
+    ("ssh-keygen", "openssh-client"),
 ];
 
 /// Finds `tool` on PATH or fails naming the package that provides it.
