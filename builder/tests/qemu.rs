@@ -163,6 +163,12 @@ fn lb_role_boots_and_passes_checks() {
 
 #[test]
 #[ignore = "boots QEMU: scripts/test"]
+fn backup_role_boots_and_passes_checks() {
+    boot("backup", "uefi", "the dry run passes and plans pause, dump, snapshot, resume, retention, mail");
+}
+
+#[test]
+#[ignore = "boots QEMU: scripts/test"]
 fn ctrl_c_during_a_boot_kills_qemu_and_cleans_up() {
     let dir = image();
     let before = temp_dirs();
