@@ -145,7 +145,15 @@ pub fn build(o: &Options) -> Result<Manifest> {
     let inputs = rootfs::Inputs::new(&o.spec.suite, &mirrors, merged.packages.clone(), &hooks, env, &key, epoch)?;
     let cache_key = inputs.key();
     let what = format!("Debian {} tree ({} packages asked)", o.spec.suite, merged.packages.len());
-    let root = p.stage("rootfs", &what, || rootfs::ensure(&o.cache, &inputs, &hooks, &key))?;
+    let origin = |pkg: &str| -> String {
+        layers
+            .iter()
+            .filter(|l| l.manifest.packages.iter().any(|p| p == pkg))
+            .map(|l| format!("{}/{}", l.source(), l.manifest_file()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let root = p.stage("rootfs", &what, || rootfs::ensure(&o.cache, &inputs, &hooks, &key, &origin))?;
     if root.cached {
         p.note(&format!("  rootfs: cached {}", &cache_key[..16]));
     }
@@ -237,7 +245,7 @@ pub fn build(o: &Options) -> Result<Manifest> {
                     for sub in ["tree", "firstboot", "hooks"] {
                         h.update(l.digest(sub).unwrap_or_default());
                     }
-                    h.update(std::fs::read(l.dir.join(if l.kind == layer::Kind::Role { "role.toml" } else { "layer.toml" })).unwrap_or_default());
+                    h.update(std::fs::read(l.dir.join(l.manifest_file())).unwrap_or_default());
                     LayerRef { name: l.name.clone(), kind: l.kind, sha256: hex::encode(h.finalize()) }
                 })
                 .collect(),

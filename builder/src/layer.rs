@@ -268,6 +268,22 @@ fn is_project(p: &Path) -> bool {
 }
 
 impl Layer {
+    /// The layer's folder relative to the project, e.g. `roles/redis`.
+    pub fn source(&self) -> String {
+        match self.kind {
+            Kind::Role => format!("roles/{}", self.name),
+            Kind::Overlay => format!("overlays/{}", self.name),
+        }
+    }
+
+    /// The layer's manifest file name (`role.toml` or `layer.toml`).
+    pub fn manifest_file(&self) -> &'static str {
+        match self.kind {
+            Kind::Role => "role.toml",
+            Kind::Overlay => "layer.toml",
+        }
+    }
+
     pub fn checks(&self) -> Result<Vec<Check>> {
         let path = self.dir.join("checks.toml");
         if !path.is_file() {

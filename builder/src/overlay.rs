@@ -84,8 +84,7 @@ pub fn apply(inp: &Inputs, out_dir: &Path) -> Result<Output> {
             let (rel, data) = match rel.strip_suffix(".tera") {
                 Some(stripped) => {
                     let text = String::from_utf8(raw).map_err(|_| Error::invalid(format!("{}: not UTF-8", src.display()), "templates are text"))?;
-                    let folder = if l.kind == crate::layer::Kind::Role { "roles" } else { "overlays" };
-                    let name = format!("{folder}/{}/tree/{rel}", l.name);
+                    let name = format!("{}/tree/{rel}", l.source());
                     (stripped.to_string(), template::render(&name, &text, &inp.context)?.into_bytes())
                 }
                 None => (rel, raw),

@@ -41,11 +41,10 @@ pub fn render(project: &Project, spec: &Spec, role: &str) -> Result<Vec<Rendered
     let fb_ctx = firstboot::context(&node, &info);
     let mut out = Vec::new();
     for l in &layers {
-        let folder = if l.kind == layer::Kind::Role { "roles" } else { "overlays" };
         for (phase, sub, ctx) in [("build", "tree", &build_ctx), ("first boot", "firstboot", &fb_ctx)] {
             for (rel, path) in l.files(sub)? {
                 let Some(target) = rel.strip_suffix(".tera") else { continue };
-                let source = format!("{folder}/{}/{sub}/{rel}", l.name);
+                let source = format!("{}/{sub}/{rel}", l.source());
                 let text = std::fs::read_to_string(&path).map_err(crate::Error::io("reading", &path))?;
                 out.push(Rendered { path: format!("/{target}"), phase, text: template::render(&source, &text, ctx)?, source });
             }

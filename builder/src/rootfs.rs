@@ -129,6 +129,11 @@ pub fn host_mirrors(etc_apt: &Path) -> Option<Mirrors> {
     Some(Mirrors { main, security })
 }
 
+/// The package apt could not find, from mmdebstrap's output.
+pub fn unknown_package(output: &str) -> Option<String> {
+    output.lines().find_map(|l| l.split("Unable to locate package ").nth(1)).map(|p| p.trim().to_string())
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Package {
     pub name: String,
@@ -172,7 +177,8 @@ pub fn enrollment_key(cache: &Path) -> Result<PathBuf> {
 }
 
 /// Returns the cached tree for `inputs`, bootstrapping it if needed.
-pub fn ensure(cache: &Path, inputs: &Inputs, hooks: &[(String, PathBuf)], enroll_key: &Path) -> Result<Rootfs> {
+/// `origin` names the layer file that asks for a package (for error messages).
+pub fn ensure(cache: &Path, inputs: &Inputs, hooks: &[(String, PathBuf)], enroll_key: &Path, origin: &dyn Fn(&str) -> String) -> Result<Rootfs> {
     let key = inputs.key();
     let dir = cache.join("rootfs").join(&key);
     let tar = dir.join("rootfs.tar");
@@ -193,7 +199,6 @@ pub fn ensure(cache: &Path, inputs: &Inputs, hooks: &[(String, PathBuf)], enroll
     cmd.arg("--variant=apt")
         .arg("--mode=root")
         .arg("--format=tar")
-        .arg("--quiet")
         .arg("--aptopt=Acquire::Retries \"3\"")
         .arg("--dpkgopt=path-exclude=/usr/share/doc/*")
         .arg("--dpkgopt=path-include=/usr/share/doc/*/copyright")
@@ -218,7 +223,16 @@ pub fn ensure(cache: &Path, inputs: &Inputs, hooks: &[(String, PathBuf)], enroll
     for s in &inputs.sources {
         cmd.arg(s);
     }
-    tools::run(&mut cmd)?;
+    tools::run(&mut cmd).map_err(|e| match e {
+        Error::Command { ref output, .. } => match unknown_package(output) {
+            Some(pkg) => Error::invalid(
+                format!("package `{pkg}` does not exist in Debian {} (mmdebstrap: Unable to locate package)", inputs.suite),
+                format!("fix the `packages` list in {} (check names with `apt-cache policy NAME` against a trixie mirror)", origin(&pkg)),
+            ),
+            None => e,
+        },
+        e => e,
+    })?;
 
     let text = std::fs::read_to_string(&pkglist).map_err(Error::io("reading", &pkglist))?;
     let packages: Vec<Package> = text
@@ -281,6 +295,13 @@ mod tests {
         let m2 = host_mirrors(d2.path()).unwrap();
         assert_eq!(m2.main, "http://other.test/debian");
         assert_eq!(m2.security, None);
+    }
+
+    #[test]
+    fn unknown_package_is_read_from_apt_output() {
+        let out = "I: running apt-get update...\nE: Unable to locate package nosuch-pkg\nE: apt-get install failed";
+        assert_eq!(unknown_package(out).as_deref(), Some("nosuch-pkg"));
+        assert_eq!(unknown_package("E: something else"), None);
     }
 
     #[test]

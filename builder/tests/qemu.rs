@@ -207,17 +207,39 @@ fn qemu_children(pid: u32) -> Vec<u32> {
     String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect()
 }
 
-#[test]
-#[ignore = "builds an image: scripts/test"]
-fn a_config_its_checker_rejects_stops_the_build() {
-    image(); // warm cache
-    let proj = scratch().join("broken-project");
+/// A copy of the project's layers to break on purpose.
+fn project_copy(name: &str) -> PathBuf {
+    let proj = scratch().join(name);
     let _ = std::fs::remove_dir_all(&proj);
     std::fs::create_dir_all(&proj).unwrap();
     for dir in ["roles", "overlays"] {
         let ok = Command::new("cp").arg("-r").arg(project().join(dir)).arg(&proj).status().unwrap();
         assert!(ok.success());
     }
+    proj
+}
+
+#[test]
+#[ignore = "runs mmdebstrap: scripts/test"]
+fn an_unknown_package_is_named_with_its_layer() {
+    let proj = project_copy("unknown-package");
+    let role = proj.join("roles/redis/role.toml");
+    let text = std::fs::read_to_string(&role).unwrap().replace("\"redis-tools\"]", "\"redis-tools\", \"no-such-package-ncimage\"]");
+    std::fs::write(&role, text).unwrap();
+    let out = scratch().join("unknown-package-out");
+    let o = cmd(&["build", "--role", ROLE, "--quiet", "--out", out.to_str().unwrap()]).env("NCIMAGE_PROJECT", &proj).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("package `no-such-package-ncimage` does not exist in Debian trixie") && err.contains("roles/redis/role.toml"), "{err}");
+    assert!(!out.exists());
+    std::fs::remove_dir_all(&proj).unwrap();
+}
+
+#[test]
+#[ignore = "builds an image: scripts/test"]
+fn a_config_its_checker_rejects_stops_the_build() {
+    image(); // warm cache
+    let proj = project_copy("broken-project");
     let conf = proj.join("overlays/base/tree/etc/ssh/sshd_config.d/50-ncimage.conf");
     let mut text = std::fs::read_to_string(&conf).unwrap();
     text.push_str("PermitRootLogn no\n");
