@@ -127,11 +127,10 @@ pub fn build(o: &Options) -> Result<Manifest> {
     let stem = format!("ncimage-{}", o.role);
 
     // rootfs
-    let hooks: Vec<(String, PathBuf)> = layers
-        .iter()
-        .flat_map(|l| l.files("hooks").map(|v| v.into_iter().map(|(rel, p)| (format!("{}/{rel}", l.name), p)).collect::<Vec<_>>()))
-        .flatten()
-        .collect();
+    let mut hooks: Vec<(String, PathBuf)> = Vec::new();
+    for l in &layers {
+        hooks.extend(l.files("hooks")?.into_iter().map(|(rel, p)| (format!("{}/{rel}", l.name), p)));
+    }
     let mirrors = Mirrors::resolve(o.spec.mirror.as_deref(), o.spec.security_mirror.as_deref())?;
     let key = rootfs::enrollment_key(&o.cache)?;
     let env: BTreeMap<String, String> = [
