@@ -87,8 +87,15 @@ pub struct Ids {
 
 impl Ids {
     pub fn new(spec: &str, role: &str) -> Ids {
-        let h = |what: &str| -> [u8; 32] { Sha256::digest(format!("ncimage/{spec}/{role}/{what}").as_bytes()).into() };
-        Ids { root_fs: uuid(&h("root-fs")), boot_fs: uuid(&h("boot-fs")), luks: uuid(&h("luks")), disk_seed: h("disk") }
+        let h = |what: &str| -> [u8; 32] {
+            Sha256::digest(format!("ncimage/{spec}/{role}/{what}").as_bytes()).into()
+        };
+        Ids {
+            root_fs: uuid(&h("root-fs")),
+            boot_fs: uuid(&h("boot-fs")),
+            luks: uuid(&h("luks")),
+            disk_seed: h("disk"),
+        }
     }
 }
 
@@ -99,24 +106,53 @@ pub fn uuid(b: &[u8; 32]) -> String {
     u[6] = (u[6] & 0x0f) | 0x40;
     u[8] = (u[8] & 0x3f) | 0x80;
     let x = hex::encode(u);
-    format!("{}-{}-{}-{}-{}", &x[..8], &x[8..12], &x[12..16], &x[16..20], &x[20..])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &x[..8],
+        &x[8..12],
+        &x[12..16],
+        &x[16..20],
+        &x[20..]
+    )
 }
 
-pub const BUILD_TOOLS: &[&str] = &["mmdebstrap", "mke2fs", "dumpe2fs", "cryptsetup", "sgdisk", "grub-mkimage", "qemu-img"];
+pub const BUILD_TOOLS: &[&str] = &[
+    "mmdebstrap",
+    "mke2fs",
+    "dumpe2fs",
+    "cryptsetup",
+    "sgdisk",
+    "grub-mkimage",
+    "qemu-img",
+];
 
 pub fn build(o: &Options) -> Result<Manifest> {
     let layers = o.project.layers_for(&o.role)?;
     let merged = layer::merge(&layers)?;
     tools::require_all(BUILD_TOOLS)?;
-    let out_parent = o.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(out_parent).map_err(|e| Error::invalid(
-        format!("cannot create the output folder {}: {e}", out_parent.display()),
-        "choose a writable folder with --out",
-    ))?;
+    let out_parent = o
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(out_parent).map_err(|e| {
+        Error::invalid(
+            format!(
+                "cannot create the output folder {}: {e}",
+                out_parent.display()
+            ),
+            "choose a writable folder with --out",
+        )
+    })?;
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".{}.tmp-", o.role))
         .tempdir_in(out_parent)
-        .map_err(|e| Error::invalid(format!("cannot write in {}: {e}", out_parent.display()), "choose a writable folder with --out"))?;
+        .map_err(|e| {
+            Error::invalid(
+                format!("cannot write in {}: {e}", out_parent.display()),
+                "choose a writable folder with --out",
+            )
+        })?;
     // Intermediate files (trees, filesystems, the LUKS volume) go to a private temporary folder,
     // in memory (/dev/shm) when it has room: they never outlive the build.
     let scratch = scratch_dir(tmp.path())?;
@@ -129,7 +165,11 @@ pub fn build(o: &Options) -> Result<Manifest> {
     // rootfs
     let mut hooks: Vec<(String, PathBuf)> = Vec::new();
     for l in &layers {
-        hooks.extend(l.files("hooks")?.into_iter().map(|(rel, p)| (format!("{}/{rel}", l.name), p)));
+        hooks.extend(
+            l.files("hooks")?
+                .into_iter()
+                .map(|(rel, p)| (format!("{}/{rel}", l.name), p)),
+        );
     }
     let mirrors = Mirrors::resolve(o.spec.mirror.as_deref(), o.spec.security_mirror.as_deref())?;
     let key = rootfs::enrollment_key(&o.cache)?;
@@ -141,9 +181,21 @@ pub fn build(o: &Options) -> Result<Manifest> {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    let inputs = rootfs::Inputs::new(&o.spec.suite, &mirrors, merged.packages.clone(), &hooks, env, &key, epoch)?;
+    let inputs = rootfs::Inputs::new(
+        &o.spec.suite,
+        &mirrors,
+        merged.packages.clone(),
+        &hooks,
+        env,
+        &key,
+        epoch,
+    )?;
     let cache_key = inputs.key();
-    let what = format!("Debian {} tree ({} packages asked)", o.spec.suite, merged.packages.len());
+    let what = format!(
+        "Debian {} tree ({} packages asked)",
+        o.spec.suite,
+        merged.packages.len()
+    );
     let origin = |pkg: &str| -> String {
         layers
             .iter()
@@ -152,7 +204,9 @@ pub fn build(o: &Options) -> Result<Manifest> {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let root = p.stage("rootfs", &what, || rootfs::ensure(&o.cache, &inputs, &hooks, &key, &origin))?;
+    let root = p.stage("rootfs", &what, || {
+        rootfs::ensure(&o.cache, &inputs, &hooks, &key, &origin)
+    })?;
     if root.cached {
         p.note(&format!("  rootfs: cached {}", &cache_key[..16]));
     }
@@ -179,9 +233,11 @@ pub fn build(o: &Options) -> Result<Manifest> {
 
     let checkers: usize = layers.iter().map(|l| l.manifest.validate.len()).sum();
     if checkers > 0 {
-        p.stage("validate", &format!("{checkers} config checkers in the image tree"), || {
-            crate::validate::run(&ov.root_tar, &layers, &merged, &o.role, &work)
-        })?;
+        p.stage(
+            "validate",
+            &format!("{checkers} config checkers in the image tree"),
+            || crate::validate::run(&ov.root_tar, &layers, &merged, &o.role, &work),
+        )?;
     }
 
     // fs
@@ -190,8 +246,26 @@ pub fn build(o: &Options) -> Result<Manifest> {
     let root_size = o.spec.root_size(&o.role);
     let boot_size = o.spec.boot_size(&o.role);
     let used = p.stage("fs", "ext4 root and /boot from the trees", || {
-        fs::make_ext4(&ov.root_tar, &root_img, &fs::Params { label: "root", uuid: &ids.root_fs, size: root_size, source_date_epoch: epoch })?;
-        fs::make_ext4(&ov.boot_tar, &boot_img, &fs::Params { label: "boot", uuid: &ids.boot_fs, size: boot_size, source_date_epoch: epoch })?;
+        fs::make_ext4(
+            &ov.root_tar,
+            &root_img,
+            &fs::Params {
+                label: "root",
+                uuid: &ids.root_fs,
+                size: root_size,
+                source_date_epoch: epoch,
+            },
+        )?;
+        fs::make_ext4(
+            &ov.boot_tar,
+            &boot_img,
+            &fs::Params {
+                label: "boot",
+                uuid: &ids.boot_fs,
+                size: boot_size,
+                source_date_epoch: epoch,
+            },
+        )?;
         let _ = std::fs::remove_file(&ov.root_tar);
         let _ = std::fs::remove_file(&ov.boot_tar);
         fs::used_blocks(&root_img)
@@ -200,10 +274,26 @@ pub fn build(o: &Options) -> Result<Manifest> {
     // luks, while another core hashes the filesystems for the manifest
     let root_luks = work.join("root.luks");
     let (luks_info, root_sha, boot_sha) = std::thread::scope(|s| -> Result<_> {
-        let hashes = s.spawn(|| -> Result<(String, String)> { Ok((export::sha256_file(&root_img)?, export::sha256_file(&boot_img)?)) });
+        let hashes = s.spawn(|| -> Result<(String, String)> {
+            Ok((
+                export::sha256_file(&root_img)?,
+                export::sha256_file(&boot_img)?,
+            ))
+        });
         let info = p.stage("luks", "LUKS2 encryption of the root", || {
-            let ranges: Vec<(u64, u64)> = used.iter().map(|&(s, n)| (s * fs::BLOCK, n * fs::BLOCK)).collect();
-            luks::encrypt(&root_img, &ranges, &root_luks, &ids.luks, &key, &o.spec.luks, &work)
+            let ranges: Vec<(u64, u64)> = used
+                .iter()
+                .map(|&(s, n)| (s * fs::BLOCK, n * fs::BLOCK))
+                .collect();
+            luks::encrypt(
+                &root_img,
+                &ranges,
+                &root_luks,
+                &ids.luks,
+                &key,
+                &o.spec.luks,
+                &work,
+            )
         });
         let (root_sha, boot_sha) = hashes.join().expect("hash thread")?;
         Ok((info?, root_sha, boot_sha))
@@ -228,11 +318,17 @@ pub fn build(o: &Options) -> Result<Manifest> {
     drop(scratch);
 
     // export
-    let artifacts = p.stage("export", "formats, manifest, checksums", || export::write_formats(tmp.path(), &stem, &o.spec.image.formats))?;
+    let artifacts = p.stage("export", "formats, manifest, checksums", || {
+        export::write_formats(tmp.path(), &stem, &o.spec.image.formats)
+    })?;
     let manifest = Manifest {
         ncimage_version: env!("CARGO_PKG_VERSION").into(),
         role: o.role.clone(),
-        spec: SpecRef { name: o.spec.name.clone(), source: o.spec.source.clone(), sha256: o.spec.sha256.clone() },
+        spec: SpecRef {
+            name: o.spec.name.clone(),
+            source: o.spec.source.clone(),
+            sha256: o.spec.sha256.clone(),
+        },
         inputs: InputsRef {
             suite: o.spec.suite.clone(),
             sources: inputs.sources.clone(),
@@ -245,7 +341,11 @@ pub fn build(o: &Options) -> Result<Manifest> {
                         h.update(l.digest(sub).unwrap_or_default());
                     }
                     h.update(std::fs::read(l.dir.join(l.manifest_file())).unwrap_or_default());
-                    LayerRef { name: l.name.clone(), kind: l.kind, sha256: hex::encode(h.finalize()) }
+                    LayerRef {
+                        name: l.name.clone(),
+                        kind: l.kind,
+                        sha256: hex::encode(h.finalize()),
+                    }
                 })
                 .collect(),
             rootfs_cache_key: cache_key,
@@ -253,8 +353,22 @@ pub fn build(o: &Options) -> Result<Manifest> {
             source_date_epoch: epoch,
         },
         filesystems: BTreeMap::from([
-            ("root".to_string(), FsInfo { uuid: ids.root_fs.clone(), size_bytes: root_size, sha256: root_sha }),
-            ("boot".to_string(), FsInfo { uuid: ids.boot_fs.clone(), size_bytes: boot_size, sha256: boot_sha }),
+            (
+                "root".to_string(),
+                FsInfo {
+                    uuid: ids.root_fs.clone(),
+                    size_bytes: root_size,
+                    sha256: root_sha,
+                },
+            ),
+            (
+                "boot".to_string(),
+                FsInfo {
+                    uuid: ids.boot_fs.clone(),
+                    size_bytes: boot_size,
+                    sha256: boot_sha,
+                },
+            ),
         ]),
         luks: luks_info,
         disk: layout,
@@ -266,8 +380,14 @@ pub fn build(o: &Options) -> Result<Manifest> {
     let mpath = tmp.path().join("manifest.json");
     let mtext = serde_json::to_string_pretty(&manifest).expect("serialisable") + "\n";
     std::fs::write(&mpath, &mtext).map_err(Error::io("writing", &mpath))?;
-    let mut sums: Vec<(String, String)> = artifacts.iter().map(|a| (a.sha256.clone(), a.file.clone())).collect();
-    sums.push((hex::encode(Sha256::digest(mtext.as_bytes())), "manifest.json".into()));
+    let mut sums: Vec<(String, String)> = artifacts
+        .iter()
+        .map(|a| (a.sha256.clone(), a.file.clone()))
+        .collect();
+    sums.push((
+        hex::encode(Sha256::digest(mtext.as_bytes())),
+        "manifest.json".into(),
+    ));
     let spath = tmp.path().join("SHA256SUMS");
     std::fs::write(&spath, export::sha256sums(&sums)).map_err(Error::io("writing", &spath))?;
 
@@ -284,7 +404,13 @@ pub fn build(o: &Options) -> Result<Manifest> {
 }
 
 /// The context of build-time templates (tree/*.tera).
-pub fn build_context(spec: &Spec, role: &str, layers: &[layer::Layer], merged: &layer::Merged, ids: &Ids) -> serde_json::Value {
+pub fn build_context(
+    spec: &Spec,
+    role: &str,
+    layers: &[layer::Layer],
+    merged: &layer::Merged,
+    ids: &Ids,
+) -> serde_json::Value {
     serde_json::json!({
         "role": { "name": role, "firewall": merged.firewall, "secrets": merged.secrets.iter().map(|s| &s.name).collect::<Vec<_>>() },
         "image": { "spec": spec.name, "suite": spec.suite, "layers": layers.iter().map(|l| &l.name).collect::<Vec<_>>() },
@@ -301,11 +427,16 @@ fn scratch_dir(fallback: &Path) -> Result<tempfile::TempDir> {
         None if free_bytes(shm) > 6 << 30 => shm.to_path_buf(),
         None => fallback.to_path_buf(),
     };
-    tempfile::Builder::new().prefix("ncimage-work-").tempdir_in(&dir).map_err(Error::io("creating a scratch folder in", &dir))
+    tempfile::Builder::new()
+        .prefix("ncimage-work-")
+        .tempdir_in(&dir)
+        .map_err(Error::io("creating a scratch folder in", &dir))
 }
 
 fn free_bytes(p: &Path) -> u64 {
-    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else { return 0 };
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
+        return 0;
+    };
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
         return 0;

@@ -117,7 +117,10 @@ impl Partition {
 
 impl DiskLayout {
     pub fn partition(&self, name: &str) -> &Partition {
-        self.partitions.iter().find(|p| p.name == name).expect("partition names are fixed")
+        self.partitions
+            .iter()
+            .find(|p| p.name == name)
+            .expect("partition names are fixed")
     }
 
     /// Fills the disk and partition GUIDs from `seed`.
@@ -158,7 +161,11 @@ pub fn layout(boot_bytes: u64, root_bytes: u64, esp_bytes: u64) -> DiskLayout {
         lba += size / SECTOR;
     }
     // One more MiB after the last partition holds the backup GPT (33 sectors).
-    DiskLayout { partitions, size_bytes: (lba + ALIGN_LBA) * SECTOR, disk_guid: String::new() }
+    DiskLayout {
+        partitions,
+        size_bytes: (lba + ALIGN_LBA) * SECTOR,
+        disk_guid: String::new(),
+    }
 }
 
 /// A version-4-shaped GUID from sha256("ncimage-gpt" | label | seed), in sgdisk's
@@ -175,12 +182,22 @@ pub fn derive_guid(seed: &[u8; 32], label: &str) -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let x = hex::encode_upper(b);
-    format!("{}-{}-{}-{}-{}", &x[0..8], &x[8..12], &x[12..16], &x[16..20], &x[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &x[0..8],
+        &x[8..12],
+        &x[12..16],
+        &x[16..20],
+        &x[20..32]
+    )
 }
 
 /// The FAT volume id of the ESP, from the seed.
 pub fn esp_volume_id(seed: &[u8; 32]) -> u32 {
-    let d = Sha256::new().chain_update(b"ncimage-esp\0").chain_update(seed).finalize();
+    let d = Sha256::new()
+        .chain_update(b"ncimage-esp\0")
+        .chain_update(seed)
+        .finalize();
     u32::from_le_bytes([d[0], d[1], d[2], d[3]])
 }
 
@@ -212,9 +229,13 @@ pub fn grub_early_cfg(boot_fs_uuid: &str) -> String {
 
 fn check_uuid(uuid: &str) -> Result<()> {
     let ok = uuid.len() == 36
-        && uuid
-            .char_indices()
-            .all(|(i, c)| if [8, 13, 18, 23].contains(&i) { c == '-' } else { c.is_ascii_hexdigit() });
+        && uuid.char_indices().all(|(i, c)| {
+            if [8, 13, 18, 23].contains(&i) {
+                c == '-'
+            } else {
+                c.is_ascii_hexdigit()
+            }
+        });
     if ok {
         Ok(())
     } else {
@@ -226,12 +247,23 @@ fn check_uuid(uuid: &str) -> Result<()> {
 }
 
 /// Builds a standalone GRUB image with `grub-mkimage`.
-fn mkimage(format: &str, dir: &str, early_cfg: &Path, out: &Path, extra: &[&str]) -> Result<Vec<u8>> {
+fn mkimage(
+    format: &str,
+    dir: &str,
+    early_cfg: &Path,
+    out: &Path,
+    extra: &[&str],
+) -> Result<Vec<u8>> {
     tools::require("grub-mkimage")?;
     if !Path::new(dir).join("moddep.lst").exists() {
         return Err(Error::MissingTool {
             tool: format!("GRUB {format} modules ({dir})"),
-            package: if format == "i386-pc" { "grub-pc-bin" } else { "grub-efi-amd64-bin" }.to_string(),
+            package: if format == "i386-pc" {
+                "grub-pc-bin"
+            } else {
+                "grub-efi-amd64-bin"
+            }
+            .to_string(),
         });
     }
     let mut cmd = Command::new("grub-mkimage");
@@ -275,9 +307,15 @@ pub fn patch_mbr(mbr: &mut [u8; 512], boot_img: &[u8], core_lba: u64) -> Result<
 /// one, which is written at `core_lba`. Returns the padded image.
 pub fn patch_core(core: &[u8], core_lba: u64, max_bytes: u64) -> Result<Vec<u8>> {
     let sectors = (core.len() as u64).div_ceil(SECTOR);
-    if core.len() < 2 * SECTOR as usize || sectors * SECTOR > max_bytes || sectors - 1 > u16::MAX as u64 {
+    if core.len() < 2 * SECTOR as usize
+        || sectors * SECTOR > max_bytes
+        || sectors - 1 > u16::MAX as u64
+    {
         return Err(Error::invalid(
-            format!("GRUB's core.img is {} bytes; the bios partition holds {max_bytes}", core.len()),
+            format!(
+                "GRUB's core.img is {} bytes; the bios partition holds {max_bytes}",
+                core.len()
+            ),
             "build fewer modules into core.img",
         ));
     }
@@ -302,7 +340,10 @@ pub fn patch_core(core: &[u8], core_lba: u64, max_bytes: u64) -> Result<Vec<u8>>
 /// holes in `dst`. Returns the number of data bytes copied.
 pub fn copy_sparse(src_path: &Path, dst: &File, dst_path: &Path, offset: u64) -> Result<u64> {
     let src = File::open(src_path).map_err(Error::io("opening", src_path))?;
-    let len = src.metadata().map_err(Error::io("reading", src_path))?.len();
+    let len = src
+        .metadata()
+        .map_err(Error::io("reading", src_path))?
+        .len();
     let fd = src.as_raw_fd();
     let mut pos = 0u64;
     let mut copied = 0u64;
@@ -317,16 +358,46 @@ pub fn copy_sparse(src_path: &Path, dst: &File, dst_path: &Path, offset: u64) ->
                 Some(libc::ENXIO) => break, // only a hole is left
                 Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) if pos == 0 => {
                     // No hole support: the whole file is data.
-                    copied += copy_range(&src, src_path, dst, dst_path, 0, offset, len, &mut buf, &mut use_cfr)?;
+                    copied += copy_range(
+                        &src,
+                        src_path,
+                        dst,
+                        dst_path,
+                        0,
+                        offset,
+                        len,
+                        &mut buf,
+                        &mut use_cfr,
+                    )?;
                     break;
                 }
-                _ => return Err(Error::Io { action: "seeking data in", path: src_path.into(), source: e }),
+                _ => {
+                    return Err(Error::Io {
+                        action: "seeking data in",
+                        path: src_path.into(),
+                        source: e,
+                    })
+                }
             }
         }
         let data = data as u64;
         let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-        let hole = if hole < 0 { len } else { (hole as u64).min(len) };
-        copied += copy_range(&src, src_path, dst, dst_path, data, offset + data, hole - data, &mut buf, &mut use_cfr)?;
+        let hole = if hole < 0 {
+            len
+        } else {
+            (hole as u64).min(len)
+        };
+        copied += copy_range(
+            &src,
+            src_path,
+            dst,
+            dst_path,
+            data,
+            offset + data,
+            hole - data,
+            &mut buf,
+            &mut use_cfr,
+        )?;
         pos = hole;
     }
     Ok(copied)
@@ -350,15 +421,31 @@ fn copy_range(
         let mut off_out = to as libc::loff_t;
         let chunk = left.min(1 << 30) as usize;
         // SAFETY: both descriptors are open; the offsets are ours.
-        let n = unsafe { libc::copy_file_range(src.as_raw_fd(), &mut off_in, dst.as_raw_fd(), &mut off_out, chunk, 0) };
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut off_in,
+                dst.as_raw_fd(),
+                &mut off_out,
+                chunk,
+                0,
+            )
+        };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             match e.raw_os_error() {
-                Some(libc::EXDEV) | Some(libc::ENOSYS) | Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
-                    *use_cfr = false
-                }
+                Some(libc::EXDEV)
+                | Some(libc::ENOSYS)
+                | Some(libc::EINVAL)
+                | Some(libc::EOPNOTSUPP) => *use_cfr = false,
                 Some(libc::EINTR) => continue,
-                _ => return Err(Error::Io { action: "copying into", path: dst_path.into(), source: e }),
+                _ => {
+                    return Err(Error::Io {
+                        action: "copying into",
+                        path: dst_path.into(),
+                        source: e,
+                    })
+                }
             }
         } else if n == 0 {
             return Err(Error::invalid(
@@ -375,8 +462,10 @@ fn copy_range(
         buf.resize(4 << 20, 0);
         while left > 0 {
             let n = left.min(buf.len() as u64) as usize;
-            src.read_exact_at(&mut buf[..n], from).map_err(Error::io("reading", src_path))?;
-            dst.write_all_at(&buf[..n], to).map_err(Error::io("writing", dst_path))?;
+            src.read_exact_at(&mut buf[..n], from)
+                .map_err(Error::io("reading", src_path))?;
+            dst.write_all_at(&buf[..n], to)
+                .map_err(Error::io("writing", dst_path))?;
             from += n as u64;
             to += n as u64;
             left -= n as u64;
@@ -418,10 +507,23 @@ struct BootImages {
 fn boot_images(work: &Path, inputs: &DiskInputs, lay: &DiskLayout) -> Result<BootImages> {
     let bios = lay.partition("bios");
     let early = work.join("grub-early.cfg");
-    std::fs::write(&early, grub_early_cfg(inputs.boot_fs_uuid)).map_err(Error::io("writing", &early))?;
-    let core = mkimage("i386-pc", GRUB_PC_DIR, &early, &work.join("core.img"), GRUB_MODULES_PC)?;
+    std::fs::write(&early, grub_early_cfg(inputs.boot_fs_uuid))
+        .map_err(Error::io("writing", &early))?;
+    let core = mkimage(
+        "i386-pc",
+        GRUB_PC_DIR,
+        &early,
+        &work.join("core.img"),
+        GRUB_MODULES_PC,
+    )?;
     let core = patch_core(&core, bios.start_lba, bios.size_bytes)?;
-    let efi = mkimage("x86_64-efi", GRUB_EFI_DIR, &early, &work.join("BOOTX64.EFI"), GRUB_MODULES_EFI)?;
+    let efi = mkimage(
+        "x86_64-efi",
+        GRUB_EFI_DIR,
+        &early,
+        &work.join("BOOTX64.EFI"),
+        GRUB_MODULES_EFI,
+    )?;
     let boot_img_path = Path::new(GRUB_PC_DIR).join("boot.img");
     let boot_img = std::fs::read(&boot_img_path).map_err(Error::io("reading", &boot_img_path))?;
     let esp_img = work.join("esp.img");
@@ -432,7 +534,11 @@ fn boot_images(work: &Path, inputs: &DiskInputs, lay: &DiskLayout) -> Result<Boo
         esp_volume_id(&inputs.seed),
         &[("EFI/BOOT/BOOTX64.EFI", efi.as_slice())],
     )?;
-    Ok(BootImages { core, boot_img, esp_img })
+    Ok(BootImages {
+        core,
+        boot_img,
+        esp_img,
+    })
 }
 
 /// Builds the whole disk at `out` (written beside it as `<out>.partial` and renamed when
@@ -444,9 +550,16 @@ pub fn assemble(out: &Path, work: &Path, inputs: &DiskInputs) -> Result<DiskLayo
     let boot_len = file_len(inputs.boot_fs)?;
     let root_len = file_len(inputs.root)?;
     if boot_len == 0 || root_len == 0 {
-        return Err(Error::invalid("the boot image or the root file is empty", "build them before the disk"));
+        return Err(Error::invalid(
+            "the boot image or the root file is empty",
+            "build them before the disk",
+        ));
     }
-    let esp_bytes = if inputs.esp_bytes == 0 { DEFAULT_ESP_BYTES } else { inputs.esp_bytes };
+    let esp_bytes = if inputs.esp_bytes == 0 {
+        DEFAULT_ESP_BYTES
+    } else {
+        inputs.esp_bytes
+    };
     let lay = layout(boot_len, root_len, esp_bytes).with_guids(&inputs.seed);
     let bios = lay.partition("bios").clone();
     let esp = lay.partition("esp").clone();
@@ -462,29 +575,50 @@ pub fn assemble(out: &Path, work: &Path, inputs: &DiskInputs) -> Result<DiskLayo
         .open(&partial)
         .map_err(Error::io("creating", &partial))?;
     let result = (|| {
-        disk.set_len(lay.size_bytes).map_err(Error::io("sizing", &partial))?;
+        disk.set_len(lay.size_bytes)
+            .map_err(Error::io("sizing", &partial))?;
         let (gpt, images) = std::thread::scope(|s| {
             let gpt = s.spawn(|| write_gpt(&partial, &lay));
             let images = boot_images(work, inputs, &lay);
             (
                 gpt.join().unwrap_or_else(|_| {
-                    Err(Error::Command { command: "sgdisk".into(), status: "panicked".into(), output: String::new() })
+                    Err(Error::Command {
+                        command: "sgdisk".into(),
+                        status: "panicked".into(),
+                        output: String::new(),
+                    })
                 }),
                 images,
             )
         });
         gpt?;
-        let BootImages { core, boot_img, esp_img } = images?;
+        let BootImages {
+            core,
+            boot_img,
+            esp_img,
+        } = images?;
 
         // Contents.
-        disk.write_all_at(&core, bios.offset_bytes()).map_err(Error::io("writing", &partial))?;
+        disk.write_all_at(&core, bios.offset_bytes())
+            .map_err(Error::io("writing", &partial))?;
         copy_sparse(&esp_img, &disk, &partial, esp.offset_bytes())?;
-        copy_sparse(inputs.boot_fs, &disk, &partial, lay.partition("boot").offset_bytes())?;
-        copy_sparse(inputs.root, &disk, &partial, lay.partition("root").offset_bytes())?;
+        copy_sparse(
+            inputs.boot_fs,
+            &disk,
+            &partial,
+            lay.partition("boot").offset_bytes(),
+        )?;
+        copy_sparse(
+            inputs.root,
+            &disk,
+            &partial,
+            lay.partition("root").offset_bytes(),
+        )?;
 
         // boot.img into the protective MBR sgdisk wrote.
         let mut mbr = [0u8; 512];
-        disk.read_exact_at(&mut mbr, 0).map_err(Error::io("reading", &partial))?;
+        disk.read_exact_at(&mut mbr, 0)
+            .map_err(Error::io("reading", &partial))?;
         if mbr[510..512] != [0x55, 0xaa] || mbr[0x1be + 4] != 0xee {
             return Err(Error::invalid(
                 format!("sgdisk left no protective MBR in {}", partial.display()),
@@ -492,7 +626,8 @@ pub fn assemble(out: &Path, work: &Path, inputs: &DiskInputs) -> Result<DiskLayo
             ));
         }
         patch_mbr(&mut mbr, &boot_img, bios.start_lba)?;
-        disk.write_all_at(&mbr, 0).map_err(Error::io("writing", &partial))?;
+        disk.write_all_at(&mbr, 0)
+            .map_err(Error::io("writing", &partial))?;
         std::fs::rename(&partial, out).map_err(Error::io("renaming", &partial))?;
         Ok(())
     })();
@@ -511,23 +646,40 @@ mod tests {
 
     #[test]
     fn layout_is_aligned_ordered_and_leaves_room_for_the_backup_gpt() {
-        for (boot, root, esp) in [(256 * MIB, 3 << 30, 32 * MIB), (1, 1, 1), (100 * MIB + 3, 64 * MIB - 1, 33 * MIB)] {
+        for (boot, root, esp) in [
+            (256 * MIB, 3 << 30, 32 * MIB),
+            (1, 1, 1),
+            (100 * MIB + 3, 64 * MIB - 1, 33 * MIB),
+        ] {
             let l = layout(boot, root, esp);
             let names: Vec<&str> = l.partitions.iter().map(|p| p.name.as_str()).collect();
             assert_eq!(names, ["bios", "esp", "boot", "root"]);
-            assert_eq!(l.partitions[0].start_lba, 2048, "room for the primary GPT and 1 MiB alignment");
+            assert_eq!(
+                l.partitions[0].start_lba, 2048,
+                "room for the primary GPT and 1 MiB alignment"
+            );
             for (i, p) in l.partitions.iter().enumerate() {
                 assert_eq!(p.number, i as u32 + 1);
                 assert_eq!(p.start_lba % ALIGN_LBA, 0, "{p:?}");
                 assert_eq!(p.size_bytes % ALIGN, 0, "{p:?}");
                 if i > 0 {
-                    assert_eq!(l.partitions[i - 1].end_lba() + 1, p.start_lba, "no gap, no overlap");
+                    assert_eq!(
+                        l.partitions[i - 1].end_lba() + 1,
+                        p.start_lba,
+                        "no gap, no overlap"
+                    );
                 }
             }
             assert_eq!(l.partitions[0].size_bytes, MIB);
             assert_eq!(l.partition("esp").size_bytes, round_up(esp, MIB));
-            assert!(l.partition("boot").size_bytes >= boot && l.partition("boot").size_bytes < boot + MIB);
-            assert!(l.partition("root").size_bytes >= root && l.partition("root").size_bytes < root + MIB);
+            assert!(
+                l.partition("boot").size_bytes >= boot
+                    && l.partition("boot").size_bytes < boot + MIB
+            );
+            assert!(
+                l.partition("root").size_bytes >= root
+                    && l.partition("root").size_bytes < root + MIB
+            );
             let total = l.size_bytes / SECTOR;
             assert_eq!(l.size_bytes % ALIGN, 0);
             // last usable LBA is total - 34 (backup header + entries at the end).
@@ -580,7 +732,10 @@ mod tests {
         let before = mbr;
         patch_mbr(&mut mbr, &fake_boot_img(), 2048).unwrap();
         assert_eq!(&mbr[440..], &before[440..]);
-        assert_eq!(u64::from_le_bytes(mbr[0x5c..0x64].try_into().unwrap()), 2048);
+        assert_eq!(
+            u64::from_le_bytes(mbr[0x5c..0x64].try_into().unwrap()),
+            2048
+        );
         assert_eq!(mbr[0x64], 0xff);
         assert_eq!(&mbr[0x66..0x68], &[0x90, 0x90]);
         assert_eq!(mbr[0], 0xcc);
@@ -661,7 +816,13 @@ mod tests {
         f.write_all_at(&vec![5u8; 70_000], 40 * MIB + 3).unwrap();
         drop(f);
         let dst_path = dir.path().join("dst");
-        let dst = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&dst_path).unwrap();
+        let dst = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&dst_path)
+            .unwrap();
         dst.set_len(100 * MIB).unwrap();
         let copied = copy_sparse(&src, &dst, &dst_path, MIB).unwrap();
         assert!(copied < 2 * MIB, "copied {copied}");

@@ -23,25 +23,42 @@ pub enum Error {
     #[error("the host tool `{tool}` is missing")]
     #[diagnostic(
         code(ncimage::missing_tool),
-        help("install the Debian package `{package}` (scripts/setup-host installs every host tool)")
+        help(
+            "install the Debian package `{package}` (scripts/setup-host installs every host tool)"
+        )
     )]
     MissingTool { tool: String, package: String },
 
     /// A host program ran and failed.
     #[error("`{command}` failed ({status})\n{output}")]
     #[diagnostic(code(ncimage::command))]
-    Command { command: String, status: String, output: String },
+    Command {
+        command: String,
+        status: String,
+        output: String,
+    },
 
     #[error("{action} {path}: {source}")]
     #[diagnostic(code(ncimage::io))]
-    Io { action: &'static str, path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 
     #[error("template {name}: {message}")]
-    #[diagnostic(code(ncimage::template), help("fix the template or the value it names"))]
+    #[diagnostic(
+        code(ncimage::template),
+        help("fix the template or the value it names")
+    )]
     Template { name: String, message: String },
 
     #[error("interrupted")]
-    #[diagnostic(code(ncimage::interrupted), help("nothing was left behind; run the command again"))]
+    #[diagnostic(
+        code(ncimage::interrupted),
+        help("nothing was left behind; run the command again")
+    )]
     Interrupted,
 
     #[error("{0}")]
@@ -51,17 +68,31 @@ pub enum Error {
     /// A declared check failed in the booted guest.
     #[error("{failed} of {total} checks failed in the guest")]
     #[diagnostic(code(ncimage::checks), help("the serial log of the guest is at {log}"))]
-    Checks { failed: usize, total: usize, log: String },
+    Checks {
+        failed: usize,
+        total: usize,
+        log: String,
+    },
 }
 
 impl Error {
-    pub fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+    pub fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Error {
         let path = path.into();
-        move |source| Error::Io { action, path, source }
+        move |source| Error::Io {
+            action,
+            path,
+            source,
+        }
     }
 
     pub fn invalid(what: impl Into<String>, help: impl Into<String>) -> Error {
-        Error::Invalid { what: what.into(), help: help.into() }
+        Error::Invalid {
+            what: what.into(),
+            help: help.into(),
+        }
     }
 
     /// Turns a `toml` deserialisation error into a diagnostic naming file:line:column.
@@ -79,7 +110,8 @@ impl Error {
             message: err.message().trim().to_string(),
             help: help.to_string(),
             src: NamedSource::new(path, text.to_string()),
-            span: span.map(|s| SourceSpan::from(s.start..s.end.max(s.start + 1).min(text.len().max(1)))),
+            span: span
+                .map(|s| SourceSpan::from(s.start..s.end.max(s.start + 1).min(text.len().max(1)))),
         }))
     }
 }
@@ -102,7 +134,12 @@ pub struct TomlError {
 pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let col = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+    let col = before
+        .rsplit('\n')
+        .next()
+        .map(|l| l.chars().count())
+        .unwrap_or(0)
+        + 1;
     (line, col)
 }
 

@@ -55,14 +55,22 @@ pub fn write_formats(dir: &Path, stem: &str, formats: &[Format]) -> Result<Vec<A
                     Format::Qcow2 => {
                         let out = dir.join(format!("{stem}.qcow2"));
                         let t = std::time::Instant::now();
-                        let _converted = tools::run(Command::new("qemu-img").args(["convert", "-W", "-f", "raw", "-O", "qcow2"]).arg(raw).arg(&out))?;
+                        let _converted = tools::run(
+                            Command::new("qemu-img")
+                                .args(["convert", "-W", "-f", "raw", "-O", "qcow2"])
+                                .arg(raw)
+                                .arg(&out),
+                        )?;
                         tracing::info!(secs = t.elapsed().as_secs_f64(), "qcow2 written");
                         artifact(format!("{stem}.qcow2"), "qcow2")
                     }
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("export thread")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("export thread"))
+            .collect()
     });
     if !formats.contains(&Format::Raw) {
         std::fs::remove_file(&raw).map_err(Error::io("removing", &raw))?;
@@ -105,7 +113,8 @@ pub fn sha256_file(path: &Path) -> Result<String> {
         };
         while pos < hole {
             let n = (hole - pos).min(buf.len() as u64) as usize;
-            f.read_exact_at(&mut buf[..n], pos).map_err(Error::io("reading", path))?;
+            f.read_exact_at(&mut buf[..n], pos)
+                .map_err(Error::io("reading", path))?;
             h.update(&buf[..n]);
             pos += n as u64;
         }
@@ -131,12 +140,29 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("a.raw"), b"abc").unwrap();
         let h = sha256_file(&d.path().join("a.raw")).unwrap();
-        assert_eq!(h, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
-        std::fs::write(d.path().join("SHA256SUMS"), sha256sums(&[(h, "a.raw".into())])).unwrap();
-        let ok = Command::new("sha256sum").arg("-c").arg("SHA256SUMS").current_dir(d.path()).output().unwrap();
+        assert_eq!(
+            h,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        std::fs::write(
+            d.path().join("SHA256SUMS"),
+            sha256sums(&[(h, "a.raw".into())]),
+        )
+        .unwrap();
+        let ok = Command::new("sha256sum")
+            .arg("-c")
+            .arg("SHA256SUMS")
+            .current_dir(d.path())
+            .output()
+            .unwrap();
         assert!(ok.status.success());
         std::fs::write(d.path().join("a.raw"), b"abd").unwrap();
-        let bad = Command::new("sha256sum").arg("-c").arg("SHA256SUMS").current_dir(d.path()).output().unwrap();
+        let bad = Command::new("sha256sum")
+            .arg("-c")
+            .arg("SHA256SUMS")
+            .current_dir(d.path())
+            .output()
+            .unwrap();
         assert!(!bad.status.success());
     }
 
@@ -152,14 +178,20 @@ mod tests {
         let mut dense = vec![0u8; 40 << 20];
         dense[17 << 20..(17 << 20) + 6].copy_from_slice(b"middle");
         dense[(40 << 20) - 3..].copy_from_slice(b"end");
-        assert_eq!(sha256_file(&sparse).unwrap(), hex::encode(Sha256::digest(&dense)));
+        assert_eq!(
+            sha256_file(&sparse).unwrap(),
+            hex::encode(Sha256::digest(&dense))
+        );
         let hole_at_end = d.path().join("tail");
         let g = std::fs::File::create(&hole_at_end).unwrap();
         g.write_all_at(b"x", 0).unwrap();
         g.set_len(9 << 20).unwrap();
         let mut v = vec![0u8; 9 << 20];
         v[0] = b'x';
-        assert_eq!(sha256_file(&hole_at_end).unwrap(), hex::encode(Sha256::digest(&v)));
+        assert_eq!(
+            sha256_file(&hole_at_end).unwrap(),
+            hex::encode(Sha256::digest(&v))
+        );
     }
 
     #[test]

@@ -15,10 +15,22 @@ struct FixedTime;
 
 impl fatfs::TimeProvider for FixedTime {
     fn get_current_date(&self) -> fatfs::Date {
-        fatfs::Date { year: 1980, month: 1, day: 1 }
+        fatfs::Date {
+            year: 1980,
+            month: 1,
+            day: 1,
+        }
     }
     fn get_current_date_time(&self) -> fatfs::DateTime {
-        fatfs::DateTime { date: self.get_current_date(), time: fatfs::Time { hour: 0, min: 0, sec: 0, millis: 0 } }
+        fatfs::DateTime {
+            date: self.get_current_date(),
+            time: fatfs::Time {
+                hour: 0,
+                min: 0,
+                sec: 0,
+                millis: 0,
+            },
+        }
     }
 }
 
@@ -32,7 +44,9 @@ pub const MAX_FAT_BYTES: u64 = 2 << 30;
 pub fn fat_label(label: &str) -> Result<[u8; 11]> {
     let ok = !label.is_empty()
         && label.len() <= 11
-        && label.bytes().all(|b| (b.is_ascii_graphic() && !b"\"*+,./:;<=>?[\\]|".contains(&b)) || b == b' ');
+        && label
+            .bytes()
+            .all(|b| (b.is_ascii_graphic() && !b"\"*+,./:;<=>?[\\]|".contains(&b)) || b == b' ');
     if !ok {
         return Err(Error::invalid(
             format!("FAT volume label {label:?} is not usable"),
@@ -49,11 +63,20 @@ pub fn fat_label(label: &str) -> Result<[u8; 11]> {
 /// `EFI/BOOT/BOOTX64.EFI`); parent directories are created as needed. The FAT type
 /// (12/16/32) follows from the size. The image is built in memory (at most
 /// [`MAX_FAT_BYTES`]) and written sparse.
-pub fn make_fat(path: &Path, size_bytes: u64, label: &str, volume_id: u32, files: &[(&str, &[u8])]) -> Result<()> {
+pub fn make_fat(
+    path: &Path,
+    size_bytes: u64,
+    label: &str,
+    volume_id: u32,
+    files: &[(&str, &[u8])],
+) -> Result<()> {
     let label_bytes = fat_label(label)?;
     if !size_bytes.is_multiple_of(512) || !(64 * 1024..=MAX_FAT_BYTES).contains(&size_bytes) {
         return Err(Error::invalid(
-            format!("FAT image size {size_bytes} for {} is not usable", path.display()),
+            format!(
+                "FAT image size {size_bytes} for {} is not usable",
+                path.display()
+            ),
             "give a multiple of 512 bytes from 64 KiB to 2 GiB",
         ));
     }
@@ -64,58 +87,92 @@ pub fn make_fat(path: &Path, size_bytes: u64, label: &str, volume_id: u32, files
     let fat_err = |what: String| {
         let path = path.to_path_buf();
         move |e: std::io::Error| {
-            Error::invalid(format!("{}: {what}: {e}", path.display()), "make the FAT image larger or the files smaller")
+            Error::invalid(
+                format!("{}: {what}: {e}", path.display()),
+                "make the FAT image larger or the files smaller",
+            )
         }
     };
 
-    let options = fatfs::FormatVolumeOptions::new().volume_id(volume_id).volume_label(label_bytes);
+    let options = fatfs::FormatVolumeOptions::new()
+        .volume_id(volume_id)
+        .volume_label(label_bytes);
     fatfs::format_volume(&mut image, options).map_err(fat_err("formatting".into()))?;
     image.set_position(0);
 
-    let fs = fatfs::FileSystem::new(&mut image, fatfs::FsOptions::new().time_provider(&FIXED_TIME))
-        .map_err(fat_err("mounting".into()))?;
+    let fs = fatfs::FileSystem::new(
+        &mut image,
+        fatfs::FsOptions::new().time_provider(&FIXED_TIME),
+    )
+    .map_err(fat_err("mounting".into()))?;
     {
         let root = fs.root_dir();
         for (name, data) in files {
             let name = name.trim_matches('/');
             let parts: Vec<&str> = name.split('/').collect();
-            if name.is_empty() || parts.iter().any(|p| p.is_empty() || *p == "." || *p == "..") {
+            if name.is_empty()
+                || parts
+                    .iter()
+                    .any(|p| p.is_empty() || *p == "." || *p == "..")
+            {
                 return Err(Error::invalid(
-                    format!("file name {name:?} for the FAT image {} is not usable", path.display()),
+                    format!(
+                        "file name {name:?} for the FAT image {} is not usable",
+                        path.display()
+                    ),
                     "give a relative path such as EFI/BOOT/BOOTX64.EFI",
                 ));
             }
             let mut dir = root.clone();
             for p in &parts[..parts.len() - 1] {
-                dir = dir.create_dir(p).map_err(fat_err(format!("creating directory {p}")))?;
+                dir = dir
+                    .create_dir(p)
+                    .map_err(fat_err(format!("creating directory {p}")))?;
             }
             let leaf = parts[parts.len() - 1];
-            let mut f = dir.create_file(leaf).map_err(fat_err(format!("creating {name}")))?;
-            f.truncate().map_err(fat_err(format!("truncating {name}")))?;
-            f.write_all(data).map_err(fat_err(format!("writing {name}")))?;
+            let mut f = dir
+                .create_file(leaf)
+                .map_err(fat_err(format!("creating {name}")))?;
+            f.truncate()
+                .map_err(fat_err(format!("truncating {name}")))?;
+            f.write_all(data)
+                .map_err(fat_err(format!("writing {name}")))?;
             f.flush().map_err(fat_err(format!("writing {name}")))?;
         }
     }
     fs.unmount().map_err(fat_err("closing".into()))?;
     let image = image.into_inner();
 
-    let file =
-        OpenOptions::new().write(true).create(true).truncate(true).open(path).map_err(Error::io("creating", path))?;
-    file.set_len(size_bytes).map_err(Error::io("sizing", path))?;
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(Error::io("creating", path))?;
+    file.set_len(size_bytes)
+        .map_err(Error::io("sizing", path))?;
     const BLOCK: usize = 4096;
     let mut at = 0;
     while at < image.len() {
         // Runs of non-zero blocks are written with one call.
-        if image[at..(at + BLOCK).min(image.len())].iter().all(|&b| b == 0) {
+        if image[at..(at + BLOCK).min(image.len())]
+            .iter()
+            .all(|&b| b == 0)
+        {
             at += BLOCK;
             continue;
         }
         let mut end = at + BLOCK;
-        while end < image.len() && !image[end..(end + BLOCK).min(image.len())].iter().all(|&b| b == 0) {
+        while end < image.len()
+            && !image[end..(end + BLOCK).min(image.len())]
+                .iter()
+                .all(|&b| b == 0)
+        {
             end += BLOCK;
         }
         let end = end.min(image.len());
-        file.write_all_at(&image[at..end], at as u64).map_err(Error::io("writing", path))?;
+        file.write_all_at(&image[at..end], at as u64)
+            .map_err(Error::io("writing", path))?;
         at = end;
     }
     Ok(())
@@ -128,7 +185,11 @@ mod tests {
 
     fn files() -> Vec<(&'static str, Vec<u8>)> {
         let big: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
-        vec![("EFI/BOOT/BOOTX64.EFI", big), ("EFI/BOOT/grub.cfg", b"hello\n".to_vec()), ("meta-data", b"x".to_vec())]
+        vec![
+            ("EFI/BOOT/BOOTX64.EFI", big),
+            ("EFI/BOOT/grub.cfg", b"hello\n".to_vec()),
+            ("meta-data", b"x".to_vec()),
+        ]
     }
 
     fn build(path: &Path, size: u64, label: &str) {
@@ -159,7 +220,11 @@ mod tests {
             assert_eq!(fs.volume_label(), label);
             for (name, data) in files() {
                 let mut got = Vec::new();
-                fs.root_dir().open_file(name).unwrap().read_to_end(&mut got).unwrap();
+                fs.root_dir()
+                    .open_file(name)
+                    .unwrap()
+                    .read_to_end(&mut got)
+                    .unwrap();
                 assert_eq!(got, data, "{name}");
             }
         }
@@ -177,7 +242,14 @@ mod tests {
     fn too_small_image_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let big = vec![1u8; 200_000];
-        let err = make_fat(&dir.path().join("x.img"), 128 * 1024, "x", 1, &[("big", &big)]).unwrap_err();
+        let err = make_fat(
+            &dir.path().join("x.img"),
+            128 * 1024,
+            "x",
+            1,
+            &[("big", &big)],
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("big"), "{err}");
     }
 }

@@ -51,7 +51,11 @@ pub struct Paths {
 
 impl Paths {
     pub fn under(root: &Path) -> Paths {
-        Paths { root: root.into(), node: root.join("etc/ncimage/node.json"), image: root.join("etc/ncimage/image.json") }
+        Paths {
+            root: root.into(),
+            node: root.join("etc/ncimage/node.json"),
+            image: root.join("etc/ncimage/image.json"),
+        }
     }
 }
 
@@ -71,35 +75,64 @@ pub fn context(node: &NodeConfig, info: &ImageInfo) -> serde_json::Value {
 /// node.vars.interface, else eth0.
 pub fn private_interface(sys_class_net: &Path, node: &Node) -> String {
     if let Some(mac) = &node.mac {
-        for e in std::fs::read_dir(sys_class_net).into_iter().flatten().flatten() {
+        for e in std::fs::read_dir(sys_class_net)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let addr = std::fs::read_to_string(e.path().join("address")).unwrap_or_default();
             if addr.trim().eq_ignore_ascii_case(mac) {
                 return e.file_name().to_string_lossy().to_string();
             }
         }
     }
-    node.vars.get("interface").and_then(|v| v.as_str()).unwrap_or("eth0").to_string()
+    node.vars
+        .get("interface")
+        .and_then(|v| v.as_str())
+        .unwrap_or("eth0")
+        .to_string()
 }
 
 /// Renders every first-boot file; returns the paths that changed. With `apply`, also chowns
 /// and reloads the units the image names.
 pub fn run(p: &Paths, apply: bool) -> Result<Vec<String>> {
     let read = |path: &Path| std::fs::read_to_string(path).map_err(Error::io("reading", path));
-    let info: ImageInfo = serde_json::from_str(&read(&p.image)?)
-        .map_err(|e| Error::invalid(format!("{}: {e}", p.image.display()), "the image is damaged: rebuild it"))?;
+    let info: ImageInfo = serde_json::from_str(&read(&p.image)?).map_err(|e| {
+        Error::invalid(
+            format!("{}: {e}", p.image.display()),
+            "the image is damaged: rebuild it",
+        )
+    })?;
     let node: NodeConfig = serde_json::from_str(&read(&p.node)?).map_err(|e| {
-        Error::invalid(format!("{}: {e}", p.node.display()), "the seed's node.json is malformed: regenerate the seed")
+        Error::invalid(
+            format!("{}: {e}", p.node.display()),
+            "the seed's node.json is malformed: regenerate the seed",
+        )
     })?;
     if node.node.role != info.role {
         return Err(Error::invalid(
-            format!("this seed is for a `{}` node but the image is the `{}` role", node.node.role, info.role),
+            format!(
+                "this seed is for a `{}` node but the image is the `{}` role",
+                node.node.role, info.role
+            ),
             "boot the node with its role's image",
         ));
     }
-    let missing: Vec<&String> = info.secrets.iter().filter(|s| !node.secrets.contains_key(*s)).collect();
+    let missing: Vec<&String> = info
+        .secrets
+        .iter()
+        .filter(|s| !node.secrets.contains_key(*s))
+        .collect();
     if !missing.is_empty() {
         return Err(Error::invalid(
-            format!("the seed lacks secrets: {}", missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")),
+            format!(
+                "the seed lacks secrets: {}",
+                missing
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
             "regenerate the node's seed",
         ));
     }
@@ -110,7 +143,10 @@ pub fn run(p: &Paths, apply: bool) -> Result<Vec<String>> {
         let tpl_path = p.root.join(f.template.trim_start_matches('/'));
         let text = read(&tpl_path)?;
         let rendered = template::render(&f.template, &text, &ctx).map_err(|e| match e {
-            Error::Template { name, message } => Error::Template { name, message: secrets.redact(&message) },
+            Error::Template { name, message } => Error::Template {
+                name,
+                message: secrets.redact(&message),
+            },
             e => e,
         })?;
         let dest = p.root.join(f.path.trim_start_matches('/'));
@@ -123,14 +159,21 @@ pub fn run(p: &Paths, apply: bool) -> Result<Vec<String>> {
             }
             continue;
         }
-        let same = std::fs::read(&dest).map(|old| old == rendered.as_bytes()).unwrap_or(false);
+        let same = std::fs::read(&dest)
+            .map(|old| old == rendered.as_bytes())
+            .unwrap_or(false);
         if !same {
             write_atomic(&dest, rendered.as_bytes(), f.mode)?;
             changed.push(f.path.clone());
         }
-        std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(f.mode)).map_err(Error::io("chmod", &dest))?;
+        std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(f.mode))
+            .map_err(Error::io("chmod", &dest))?;
         if apply {
-            crate::tools::run(Command::new("chown").arg(format!("{}:{}", f.owner, f.group)).arg(&dest))?;
+            crate::tools::run(
+                Command::new("chown")
+                    .arg(format!("{}:{}", f.owner, f.group))
+                    .arg(&dest),
+            )?;
         }
     }
     if apply && changed.iter().any(|p| p.starts_with("/etc/systemd/")) {
@@ -147,10 +190,20 @@ pub fn run(p: &Paths, apply: bool) -> Result<Vec<String>> {
 fn write_atomic(dest: &Path, data: &[u8], mode: u32) -> Result<()> {
     let dir = dest.parent().unwrap_or(Path::new("/"));
     std::fs::create_dir_all(dir).map_err(Error::io("creating", dir))?;
-    let tmp = dir.join(format!(".{}.ncimage-tmp", dest.file_name().unwrap_or_default().to_string_lossy()));
+    let tmp = dir.join(format!(
+        ".{}.ncimage-tmp",
+        dest.file_name().unwrap_or_default().to_string_lossy()
+    ));
     let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).map_err(Error::io("creating", &tmp))?;
-    f.write_all(data).and_then(|_| f.sync_all()).map_err(Error::io("writing", &tmp))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(Error::io("creating", &tmp))?;
+    f.write_all(data)
+        .and_then(|_| f.sync_all())
+        .map_err(Error::io("writing", &tmp))?;
     std::fs::rename(&tmp, dest).map_err(Error::io("renaming", dest))
 }
 
@@ -165,7 +218,11 @@ mod tests {
         let r = d.path();
         std::fs::create_dir_all(r.join("etc/ncimage")).unwrap();
         std::fs::create_dir_all(r.join("usr/share/ncimage/firstboot/redis/etc/redis")).unwrap();
-        std::fs::write(r.join("usr/share/ncimage/firstboot/redis/etc/redis/r.conf.tera"), "bind {{ node.address }}\npass {{ secrets.pw }}\n").unwrap();
+        std::fs::write(
+            r.join("usr/share/ncimage/firstboot/redis/etc/redis/r.conf.tera"),
+            "bind {{ node.address }}\npass {{ secrets.pw }}\n",
+        )
+        .unwrap();
         let info = ImageInfo {
             role: "redis".into(),
             spec: "default".into(),
@@ -182,7 +239,11 @@ mod tests {
             reload_after_firstboot: vec![],
             ncimage_version: "0".into(),
         };
-        std::fs::write(r.join("etc/ncimage/image.json"), serde_json::to_string(&info).unwrap()).unwrap();
+        std::fs::write(
+            r.join("etc/ncimage/image.json"),
+            serde_json::to_string(&info).unwrap(),
+        )
+        .unwrap();
         let secrets = match secret {
             Some(s) => format!("{{\"pw\": \"{s}\"}}"),
             None => "{}".into(),
@@ -199,11 +260,23 @@ mod tests {
     fn renders_once_with_mode_and_is_idempotent() {
         let d = setup(Some("s3cret"));
         let p = Paths::under(d.path());
-        assert_eq!(run(&p, false).unwrap(), vec!["/etc/redis/r.conf".to_string()]);
+        assert_eq!(
+            run(&p, false).unwrap(),
+            vec!["/etc/redis/r.conf".to_string()]
+        );
         let out = d.path().join("etc/redis/r.conf");
-        assert_eq!(std::fs::read_to_string(&out).unwrap(), "bind 10.0.0.5\npass s3cret\n");
-        assert_eq!(std::fs::metadata(&out).unwrap().permissions().mode() & 0o777, 0o640);
-        assert!(run(&p, false).unwrap().is_empty(), "second run changed files");
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap(),
+            "bind 10.0.0.5\npass s3cret\n"
+        );
+        assert_eq!(
+            std::fs::metadata(&out).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+        assert!(
+            run(&p, false).unwrap().is_empty(),
+            "second run changed files"
+        );
     }
 
     #[test]
@@ -228,8 +301,16 @@ mod tests {
         run(&p, false).unwrap();
         let out = d.path().join("etc/redis/r.conf");
         assert!(out.exists());
-        std::fs::write(d.path().join("usr/share/ncimage/firstboot/redis/etc/redis/r.conf.tera"), "{% if node.vars.peer is defined %}peer{% endif %}\n").unwrap();
-        assert_eq!(run(&p, false).unwrap(), vec!["/etc/redis/r.conf".to_string()]);
+        std::fs::write(
+            d.path()
+                .join("usr/share/ncimage/firstboot/redis/etc/redis/r.conf.tera"),
+            "{% if node.vars.peer is defined %}peer{% endif %}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            run(&p, false).unwrap(),
+            vec!["/etc/redis/r.conf".to_string()]
+        );
         assert!(!out.exists());
         assert!(run(&p, false).unwrap().is_empty());
     }
@@ -241,8 +322,13 @@ mod tests {
         assert!(e.contains("lacks secrets: pw"), "{e}");
         let d = setup(Some("x"));
         let node = d.path().join("etc/ncimage/node.json");
-        let t = std::fs::read_to_string(&node).unwrap().replace("\"role\": \"redis\"", "\"role\": \"db\"");
+        let t = std::fs::read_to_string(&node)
+            .unwrap()
+            .replace("\"role\": \"redis\"", "\"role\": \"db\"");
         std::fs::write(&node, t).unwrap();
-        assert!(run(&Paths::under(d.path()), false).unwrap_err().to_string().contains("`db` node"));
+        assert!(run(&Paths::under(d.path()), false)
+            .unwrap_err()
+            .to_string()
+            .contains("`db` node"));
     }
 }

@@ -21,20 +21,25 @@ pub struct Params<'a> {
 pub fn make_ext4(tar: &Path, out: &Path, p: &Params) -> Result<()> {
     tools::require("mke2fs")?;
     if !p.size.is_multiple_of(BLOCK) {
-        return Err(Error::invalid(format!("filesystem size {} is not a multiple of 4 KiB", p.size), "use a size in MiB"));
+        return Err(Error::invalid(
+            format!("filesystem size {} is not a multiple of 4 KiB", p.size),
+            "use a size in MiB",
+        ));
     }
     let _ = std::fs::remove_file(out);
     let mut cmd = Command::new("mke2fs");
-    cmd.args(["-q", "-F", "-t", "ext4", "-b", "4096", "-L", p.label, "-U", p.uuid])
-        .arg("-E")
-        .arg(format!("hash_seed={},root_owner=0:0", p.uuid))
-        .arg("-d")
-        .arg(tar)
-        .arg(out)
-        .arg(format!("{}k", p.size / 1024))
-        .env("SOURCE_DATE_EPOCH", p.source_date_epoch.to_string())
-        .env("E2FSPROGS_FAKE_TIME", p.source_date_epoch.to_string())
-        .env("MKE2FS_CONFIG", "/etc/mke2fs.conf");
+    cmd.args([
+        "-q", "-F", "-t", "ext4", "-b", "4096", "-L", p.label, "-U", p.uuid,
+    ])
+    .arg("-E")
+    .arg(format!("hash_seed={},root_owner=0:0", p.uuid))
+    .arg("-d")
+    .arg(tar)
+    .arg(out)
+    .arg(format!("{}k", p.size / 1024))
+    .env("SOURCE_DATE_EPOCH", p.source_date_epoch.to_string())
+    .env("E2FSPROGS_FAKE_TIME", p.source_date_epoch.to_string())
+    .env("MKE2FS_CONFIG", "/etc/mke2fs.conf");
     tools::run(&mut cmd).map_err(|e| match e {
         Error::Command { output, .. } if output.contains("libarchive") => Error::MissingTool {
             tool: "libarchive (mke2fs -d <tar>)".into(),
@@ -53,7 +58,12 @@ pub fn used_blocks(image: &Path) -> Result<Vec<(u64, u64)>> {
         .lines()
         .find_map(|l| l.strip_prefix("Block count:"))
         .and_then(|v| v.trim().parse::<u64>().ok())
-        .ok_or_else(|| Error::invalid(format!("dumpe2fs {}: no block count", image.display()), "is it an ext4 image?"))?;
+        .ok_or_else(|| {
+            Error::invalid(
+                format!("dumpe2fs {}: no block count", image.display()),
+                "is it an ext4 image?",
+            )
+        })?;
     let free = parse_free(&out)?;
     Ok(complement(&free, total))
 }
@@ -62,12 +72,19 @@ pub fn used_blocks(image: &Path) -> Result<Vec<(u64, u64)>> {
 pub fn parse_free(dump: &str) -> Result<Vec<(u64, u64)>> {
     let mut v = Vec::new();
     for line in dump.lines().filter(|l| l.starts_with(' ')) {
-        let Some(list) = line.trim().strip_prefix("Free blocks:") else { continue };
+        let Some(list) = line.trim().strip_prefix("Free blocks:") else {
+            continue;
+        };
         for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (a, b) = part.split_once('-').unwrap_or((part, part));
             let (a, b): (u64, u64) = match (a.parse(), b.parse()) {
                 (Ok(a), Ok(b)) if b >= a => (a, b),
-                _ => return Err(Error::invalid(format!("dumpe2fs: cannot read `{part}`"), "report this with the e2fsprogs version")),
+                _ => {
+                    return Err(Error::invalid(
+                        format!("dumpe2fs: cannot read `{part}`"),
+                        "report this with the e2fsprogs version",
+                    ))
+                }
             };
             v.push((a, b - a + 1));
         }
@@ -101,7 +118,10 @@ mod tests {
         let dump = "Free blocks:              100\nGroup 0: (Blocks 0-32767)\n  Free blocks: 10-19, 25\n  Free inodes: 12-100\nGroup 1:\n  Free blocks: 40-49\n";
         let free = parse_free(dump).unwrap();
         assert_eq!(free, vec![(10, 10), (25, 1), (40, 10)]);
-        assert_eq!(complement(&free, 60), vec![(0, 10), (20, 5), (26, 14), (50, 10)]);
+        assert_eq!(
+            complement(&free, 60),
+            vec![(0, 10), (20, 5), (26, 14), (50, 10)]
+        );
         assert_eq!(complement(&[], 5), vec![(0, 5)]);
         assert_eq!(complement(&[(0, 5)], 5), vec![]);
     }
@@ -128,13 +148,22 @@ mod tests {
             b.append_data(&mut h, "etc/hello", &b"hello"[..]).unwrap();
             b.finish().unwrap();
         }
-        let p = Params { label: "t", uuid: "0d1f2e3c-4b5a-4968-8776-a5b4c3d2e1f0", size: 16 << 20, source_date_epoch: 1 };
+        let p = Params {
+            label: "t",
+            uuid: "0d1f2e3c-4b5a-4968-8776-a5b4c3d2e1f0",
+            size: 16 << 20,
+            source_date_epoch: 1,
+        };
         let a = d.path().join("a.img");
         let b = d.path().join("b.img");
         make_ext4(&tar_path, &a, &p).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(1100));
         make_ext4(&tar_path, &b, &p).unwrap();
-        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), "mke2fs -d is not reproducible");
+        assert_eq!(
+            std::fs::read(&a).unwrap(),
+            std::fs::read(&b).unwrap(),
+            "mke2fs -d is not reproducible"
+        );
         let used = used_blocks(&a).unwrap();
         let n: u64 = used.iter().map(|r| r.1).sum();
         assert!(n > 0 && n < 4096, "used {n} of 4096 blocks");

@@ -127,7 +127,12 @@ impl FileAttr {
         u32::from_str_radix(self.mode.trim_start_matches("0o"), 8)
             .ok()
             .filter(|m| *m <= 0o7777)
-            .ok_or_else(|| Error::invalid(format!("file mode `{}` for {}", self.mode, self.path), "write an octal mode such as \"0640\""))
+            .ok_or_else(|| {
+                Error::invalid(
+                    format!("file mode `{}` for {}", self.mode, self.path),
+                    "write an octal mode such as \"0640\"",
+                )
+            })
     }
 }
 
@@ -193,8 +198,17 @@ impl Project {
             .map(Path::to_path_buf)
             .into_iter()
             .chain(std::env::var_os("NCIMAGE_PROJECT").map(PathBuf::from))
-            .chain(std::env::current_dir().ok().into_iter().flat_map(|d| d.ancestors().map(Path::to_path_buf).collect::<Vec<_>>()))
-            .chain(Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf))
+            .chain(
+                std::env::current_dir()
+                    .ok()
+                    .into_iter()
+                    .flat_map(|d| d.ancestors().map(Path::to_path_buf).collect::<Vec<_>>()),
+            )
+            .chain(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .parent()
+                    .map(Path::to_path_buf),
+            )
             .collect();
         if let Some(p) = explicit {
             if !is_project(p) {
@@ -208,7 +222,12 @@ impl Project {
             .into_iter()
             .find(|p| is_project(p))
             .map(|root| Project { root })
-            .ok_or_else(|| Error::invalid("no roles/ and overlays/ folders found", "run ncimage from its checkout or pass --project"))
+            .ok_or_else(|| {
+                Error::invalid(
+                    "no roles/ and overlays/ folders found",
+                    "run ncimage from its checkout or pass --project",
+                )
+            })
     }
 
     pub fn roles(&self) -> Vec<String> {
@@ -229,7 +248,10 @@ impl Project {
         if !roles.iter().any(|r| r == role) {
             return Err(Error::invalid(
                 format!("unknown role `{role}`"),
-                format!("known roles: {} (each is a folder roles/<role>/ with a role.toml)", roles.join(", ")),
+                format!(
+                    "known roles: {} (each is a folder roles/<role>/ with a role.toml)",
+                    roles.join(", ")
+                ),
             ));
         }
         let role_layer = self.load(role, Kind::Role)?;
@@ -254,12 +276,23 @@ impl Project {
             ));
         }
         let text = std::fs::read_to_string(&path).map_err(Error::io("reading", &path))?;
-        let manifest: Manifest = toml::from_str(&text)
-            .map_err(|e| Error::toml(&path.display().to_string(), &text, &e, "see roles/redis/role.toml for the keys a layer takes"))?;
+        let manifest: Manifest = toml::from_str(&text).map_err(|e| {
+            Error::toml(
+                &path.display().to_string(),
+                &text,
+                &e,
+                "see roles/redis/role.toml for the keys a layer takes",
+            )
+        })?;
         for f in &manifest.files {
             f.mode_bits()?;
         }
-        Ok(Layer { name: name.to_string(), kind, dir, manifest })
+        Ok(Layer {
+            name: name.to_string(),
+            kind,
+            dir,
+            manifest,
+        })
     }
 }
 
@@ -290,8 +323,14 @@ impl Layer {
             return Ok(Vec::new());
         }
         let text = std::fs::read_to_string(&path).map_err(Error::io("reading", &path))?;
-        let f: ChecksFile = toml::from_str(&text)
-            .map_err(|e| Error::toml(&path.display().to_string(), &text, &e, "a check is [[check]] with name, run and stdout/contains/exit"))?;
+        let f: ChecksFile = toml::from_str(&text).map_err(|e| {
+            Error::toml(
+                &path.display().to_string(),
+                &text,
+                &e,
+                "a check is [[check]] with name, run and stdout/contains/exit",
+            )
+        })?;
         Ok(f.check)
     }
 
@@ -303,9 +342,19 @@ impl Layer {
             return Ok(out);
         }
         for e in walkdir::WalkDir::new(&base).sort_by_file_name() {
-            let e = e.map_err(|e| Error::invalid(format!("walking {}: {e}", base.display()), "check the folder's permissions"))?;
+            let e = e.map_err(|e| {
+                Error::invalid(
+                    format!("walking {}: {e}", base.display()),
+                    "check the folder's permissions",
+                )
+            })?;
             if e.file_type().is_file() {
-                let rel = e.path().strip_prefix(&base).expect("under base").to_string_lossy().to_string();
+                let rel = e
+                    .path()
+                    .strip_prefix(&base)
+                    .expect("under base")
+                    .to_string_lossy()
+                    .to_string();
                 out.push((rel, e.path().to_path_buf()));
             }
         }
@@ -351,11 +400,15 @@ pub fn merge(layers: &[Layer]) -> Result<Merged> {
         m.disable.extend(x.disable.iter().cloned());
         m.mask.extend(x.mask.iter().cloned());
         m.after_firstboot.extend(x.after_firstboot.iter().cloned());
-        m.reload_after_firstboot.extend(x.reload_after_firstboot.iter().cloned());
+        m.reload_after_firstboot
+            .extend(x.reload_after_firstboot.iter().cloned());
         for s in &x.secrets {
             if let Some(prev) = seen.insert(s.name.clone(), l.name.clone()) {
                 return Err(Error::invalid(
-                    format!("secret `{}` is declared by both {prev} and {}", s.name, l.name),
+                    format!(
+                        "secret `{}` is declared by both {prev} and {}",
+                        s.name, l.name
+                    ),
                     "declare each secret once",
                 ));
             }
@@ -364,11 +417,18 @@ pub fn merge(layers: &[Layer]) -> Result<Merged> {
         m.firewall.private_tcp.extend(&x.firewall.private_tcp);
         m.firewall.private_udp.extend(&x.firewall.private_udp);
         m.firewall.public_tcp.extend(&x.firewall.public_tcp);
-        m.firewall.private_protocols.extend(x.firewall.private_protocols.iter().cloned());
+        m.firewall
+            .private_protocols
+            .extend(x.firewall.private_protocols.iter().cloned());
         m.files.extend(x.files.iter().cloned());
-        m.test_vars.extend(x.test_vars.iter().map(|(k, v)| (k.clone(), v.clone())));
+        m.test_vars
+            .extend(x.test_vars.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
-    for v in [&mut m.firewall.private_tcp, &mut m.firewall.private_udp, &mut m.firewall.public_tcp] {
+    for v in [
+        &mut m.firewall.private_tcp,
+        &mut m.firewall.private_udp,
+        &mut m.firewall.public_tcp,
+    ] {
         v.sort_unstable();
         v.dedup();
     }
@@ -417,26 +477,53 @@ mod tests {
 
     #[test]
     fn file_attrs_match_exact_and_prefix_last_wins() {
-        let a = FileAttr { path: "/etc/redis/*".into(), owner: "redis".into(), group: "redis".into(), mode: "0640".into() };
-        let b = FileAttr { path: "/etc/redis/x.conf".into(), owner: "root".into(), group: "root".into(), mode: "0600".into() };
-        let m = Merged { files: vec![a.clone(), b.clone()], ..Default::default() };
+        let a = FileAttr {
+            path: "/etc/redis/*".into(),
+            owner: "redis".into(),
+            group: "redis".into(),
+            mode: "0640".into(),
+        };
+        let b = FileAttr {
+            path: "/etc/redis/x.conf".into(),
+            owner: "root".into(),
+            group: "root".into(),
+            mode: "0600".into(),
+        };
+        let m = Merged {
+            files: vec![a.clone(), b.clone()],
+            ..Default::default()
+        };
         assert_eq!(m.attr_for("/etc/redis/x.conf"), Some(&b));
         assert_eq!(m.attr_for("/etc/redis/y.conf"), Some(&a));
         assert_eq!(m.attr_for("/etc/other"), None);
         assert_eq!(a.mode_bits().unwrap(), 0o640);
-        let bad = FileAttr { mode: "rw-r".into(), ..a };
+        let bad = FileAttr {
+            mode: "rw-r".into(),
+            ..a
+        };
         assert!(bad.mode_bits().is_err());
     }
 
     #[test]
     fn duplicate_secret_is_an_error() {
-        let s = SecretDecl { name: "x".into(), description: String::new(), bytes: 8, kind: SecretKind::Hex };
+        let s = SecretDecl {
+            name: "x".into(),
+            description: String::new(),
+            bytes: 8,
+            kind: SecretKind::Hex,
+        };
         let mk = |n: &str| Layer {
             name: n.into(),
             kind: Kind::Overlay,
             dir: PathBuf::new(),
-            manifest: Manifest { secrets: vec![s.clone()], ..Default::default() },
+            manifest: Manifest {
+                secrets: vec![s.clone()],
+                ..Default::default()
+            },
         };
-        assert!(merge(&[mk("a"), mk("b")]).unwrap_err().to_string().contains("both a and b"));
+        assert!(merge(&[mk("a"), mk("b")])
+            .unwrap_err()
+            .to_string()
+            .contains("both a and b"));
     }
 }

@@ -51,7 +51,10 @@ impl VolumeKey {
         Ok(VolumeKey(k))
     }
     fn cipher(&self) -> Xts128<Aes256> {
-        Xts128::new(Aes256::new_from_slice(&self.0[..32]).expect("32"), Aes256::new_from_slice(&self.0[32..]).expect("32"))
+        Xts128::new(
+            Aes256::new_from_slice(&self.0[..32]).expect("32"),
+            Aes256::new_from_slice(&self.0[32..]).expect("32"),
+        )
     }
 }
 
@@ -65,13 +68,24 @@ impl Drop for VolumeKey {
 
 /// Encrypts the filesystem image `fs` into a LUKS2 volume at `out`, unlockable with `key_file`.
 /// `used` lists the used ranges of the filesystem in bytes (offset, len).
-pub fn encrypt(fs: &Path, used: &[(u64, u64)], out: &Path, uuid: &str, key_file: &Path, s: &LuksSettings, work: &Path) -> Result<LuksInfo> {
+pub fn encrypt(
+    fs: &Path,
+    used: &[(u64, u64)],
+    out: &Path,
+    uuid: &str,
+    key_file: &Path,
+    s: &LuksSettings,
+    work: &Path,
+) -> Result<LuksInfo> {
     tools::require("cryptsetup")?;
-    let fs_len = std::fs::metadata(fs).map_err(Error::io("reading", fs))?.len();
+    let fs_len = std::fs::metadata(fs)
+        .map_err(Error::io("reading", fs))?
+        .len();
     let vk = VolumeKey::random()?;
     {
         let f = File::create(out).map_err(Error::io("creating", out))?;
-        f.set_len(DATA_OFFSET + fs_len).map_err(Error::io("sizing", out))?;
+        f.set_len(DATA_OFFSET + fs_len)
+            .map_err(Error::io("sizing", out))?;
     }
     format_header(out, uuid, &vk, key_file, s, work)?;
     let encrypted = encrypt_ranges(fs, out, used, &vk)?;
@@ -91,25 +105,69 @@ pub fn encrypt(fs: &Path, used: &[(u64, u64)], out: &Path, uuid: &str, key_file:
 
 /// `cryptsetup luksFormat` on the file with our volume key (passed through a 0600 file that is
 /// removed right after, never on a command line).
-fn format_header(out: &Path, uuid: &str, vk: &VolumeKey, key_file: &Path, s: &LuksSettings, work: &Path) -> Result<()> {
-    let vk_dir = tempfile::Builder::new().prefix(".vk-").tempdir_in(work).map_err(Error::io("creating a folder in", work))?;
+fn format_header(
+    out: &Path,
+    uuid: &str,
+    vk: &VolumeKey,
+    key_file: &Path,
+    s: &LuksSettings,
+    work: &Path,
+) -> Result<()> {
+    let vk_dir = tempfile::Builder::new()
+        .prefix(".vk-")
+        .tempdir_in(work)
+        .map_err(Error::io("creating a folder in", work))?;
     let vk_path = vk_dir.path().join("volume.key");
     {
-        let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&vk_path).map_err(Error::io("creating", &vk_path))?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&vk_path)
+            .map_err(Error::io("creating", &vk_path))?;
         f.write_all(&vk.0).map_err(Error::io("writing", &vk_path))?;
     }
     let mut cmd = Command::new("cryptsetup");
-    cmd.args(["luksFormat", "--batch-mode", "--type", "luks2", "--cipher", &s.cipher])
-        .args(["--key-size", &s.key_bits.to_string(), "--sector-size", &SECTOR.to_string()])
-        .args(["--offset", &(DATA_OFFSET / 512).to_string(), "--uuid", uuid, "--label", "root"])
-        .args(["--pbkdf", &s.pbkdf, "--pbkdf-memory", &s.pbkdf_memory_kib.to_string()])
-        .args(["--pbkdf-parallel", &s.pbkdf_parallel.to_string(), "--pbkdf-force-iterations", &s.pbkdf_iterations.to_string()])
-        .arg("--volume-key-file")
-        .arg(&vk_path)
-        .arg("--key-file")
-        .arg(key_file)
-        .arg(out)
-        .current_dir(work);
+    cmd.args([
+        "luksFormat",
+        "--batch-mode",
+        "--type",
+        "luks2",
+        "--cipher",
+        &s.cipher,
+    ])
+    .args([
+        "--key-size",
+        &s.key_bits.to_string(),
+        "--sector-size",
+        &SECTOR.to_string(),
+    ])
+    .args([
+        "--offset",
+        &(DATA_OFFSET / 512).to_string(),
+        "--uuid",
+        uuid,
+        "--label",
+        "root",
+    ])
+    .args([
+        "--pbkdf",
+        &s.pbkdf,
+        "--pbkdf-memory",
+        &s.pbkdf_memory_kib.to_string(),
+    ])
+    .args([
+        "--pbkdf-parallel",
+        &s.pbkdf_parallel.to_string(),
+        "--pbkdf-force-iterations",
+        &s.pbkdf_iterations.to_string(),
+    ])
+    .arg("--volume-key-file")
+    .arg(&vk_path)
+    .arg("--key-file")
+    .arg(key_file)
+    .arg(out)
+    .current_dir(work);
     let r = tools::run(&mut cmd);
     // Overwrite the key file before the folder goes.
     let _ = std::fs::write(&vk_path, [0u8; 64]);
@@ -119,23 +177,36 @@ fn format_header(out: &Path, uuid: &str, vk: &VolumeKey, key_file: &Path, s: &Lu
 /// Encrypts `ranges` of `fs` into `out` at DATA_OFFSET; returns the bytes written.
 fn encrypt_ranges(fs: &Path, out: &Path, ranges: &[(u64, u64)], vk: &VolumeKey) -> Result<u64> {
     let src = File::open(fs).map_err(Error::io("opening", fs))?;
-    let dst = OpenOptions::new().write(true).open(out).map_err(Error::io("opening", out))?;
+    let dst = OpenOptions::new()
+        .write(true)
+        .open(out)
+        .map_err(Error::io("opening", out))?;
     let xts = vk.cipher();
     const CHUNK: u64 = 4 << 20;
     let mut buf = vec![0u8; CHUNK as usize];
     let mut total = 0;
     for &(start, len) in ranges {
         if start % SECTOR != 0 || len % SECTOR != 0 {
-            return Err(Error::invalid(format!("range {start}+{len} is not sector aligned"), "this is a bug in ncimage"));
+            return Err(Error::invalid(
+                format!("range {start}+{len} is not sector aligned"),
+                "this is a bug in ncimage",
+            ));
         }
         let mut off = start;
         while off < start + len {
             crate::interrupt::check()?;
             let n = CHUNK.min(start + len - off) as usize;
             let b = &mut buf[..n];
-            src.read_exact_at(b, off).map_err(Error::io("reading", fs))?;
-            xts.encrypt_area(b, SECTOR as usize, (off / SECTOR) as u128, get_tweak_default);
-            dst.write_all_at(b, DATA_OFFSET + off).map_err(Error::io("writing", out))?;
+            src.read_exact_at(b, off)
+                .map_err(Error::io("reading", fs))?;
+            xts.encrypt_area(
+                b,
+                SECTOR as usize,
+                (off / SECTOR) as u128,
+                get_tweak_default,
+            );
+            dst.write_all_at(b, DATA_OFFSET + off)
+                .map_err(Error::io("writing", out))?;
             off += n as u64;
             total += n as u64;
         }
@@ -145,7 +216,13 @@ fn encrypt_ranges(fs: &Path, out: &Path, ranges: &[(u64, u64)], vk: &VolumeKey) 
 
 /// Unlocks the header with `key_file` (no device-mapper needed): proves the keyslot works.
 pub fn test_key(volume: &Path, key_file: &Path) -> Result<()> {
-    tools::run(Command::new("cryptsetup").args(["open", "--test-passphrase", "--key-file"]).arg(key_file).arg(volume)).map(|_| ())
+    tools::run(
+        Command::new("cryptsetup")
+            .args(["open", "--test-passphrase", "--key-file"])
+            .arg(key_file)
+            .arg(volume),
+    )
+    .map(|_| ())
 }
 
 #[cfg(test)]
@@ -168,11 +245,35 @@ mod tests {
         getrandom::fill(&mut plain).unwrap();
         let reference = d.path().join("reference.img");
         std::fs::write(&reference, &plain).unwrap();
-        std::fs::OpenOptions::new().write(true).open(&reference).unwrap().set_len((1 << 20) + (32 << 20)).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&reference)
+            .unwrap()
+            .set_len((1 << 20) + (32 << 20))
+            .unwrap();
         tools::run(
             Command::new("cryptsetup")
-                .args(["reencrypt", "--encrypt", "--batch-mode", "--type", "luks2", "--reduce-device-size", "32M", "--sector-size", "512"])
-                .args(["--pbkdf", "argon2id", "--pbkdf-memory", "65536", "--pbkdf-parallel", "1", "--pbkdf-force-iterations", "4"])
+                .args([
+                    "reencrypt",
+                    "--encrypt",
+                    "--batch-mode",
+                    "--type",
+                    "luks2",
+                    "--reduce-device-size",
+                    "32M",
+                    "--sector-size",
+                    "512",
+                ])
+                .args([
+                    "--pbkdf",
+                    "argon2id",
+                    "--pbkdf-memory",
+                    "65536",
+                    "--pbkdf-parallel",
+                    "1",
+                    "--pbkdf-force-iterations",
+                    "4",
+                ])
                 .arg("--volume-key-file")
                 .arg(&vk_file)
                 .arg("--key-file")
@@ -184,13 +285,19 @@ mod tests {
         let fs = d.path().join("fs.img");
         std::fs::write(&fs, &plain).unwrap();
         let ours = d.path().join("ours.img");
-        std::fs::File::create(&ours).unwrap().set_len(DATA_OFFSET + (1 << 20)).unwrap();
+        std::fs::File::create(&ours)
+            .unwrap()
+            .set_len(DATA_OFFSET + (1 << 20))
+            .unwrap();
         encrypt_ranges(&fs, &ours, &[(0, 1 << 20)], &vk).unwrap();
         let a = std::fs::read(&reference).unwrap();
         let b = std::fs::read(&ours).unwrap();
         let seg = DATA_OFFSET as usize..DATA_OFFSET as usize + (1 << 20);
         assert_ne!(&b[seg.clone()], &plain[..]);
-        assert!(a[seg.clone()] == b[seg], "ciphertext differs from cryptsetup's");
+        assert!(
+            a[seg.clone()] == b[seg],
+            "ciphertext differs from cryptsetup's"
+        );
     }
 
     #[test]
@@ -207,19 +314,39 @@ mod tests {
         std::fs::write(&key, [42u8; 64]).unwrap();
         let out = d.path().join("root.luks");
         let s: LuksSettings = toml::from_str("").unwrap();
-        let info = encrypt(&fs, &[(0, 1 << 19)], &out, "9c3f7d1e-2b4a-4c5d-8e6f-0a1b2c3d4e5f", &key, &s, d.path()).unwrap();
+        let info = encrypt(
+            &fs,
+            &[(0, 1 << 19)],
+            &out,
+            "9c3f7d1e-2b4a-4c5d-8e6f-0a1b2c3d4e5f",
+            &key,
+            &s,
+            d.path(),
+        )
+        .unwrap();
         assert_eq!(info.encrypted_bytes, 1 << 19);
         test_key(&out, &key).unwrap();
         let wrong = d.path().join("wrong");
         std::fs::write(&wrong, [1u8; 64]).unwrap();
         assert!(test_key(&out, &wrong).is_err());
         let bytes = std::fs::read(&out).unwrap();
-        assert!(!bytes.windows(marker.len()).any(|w| w == marker), "plaintext found in the volume");
+        assert!(
+            !bytes.windows(marker.len()).any(|w| w == marker),
+            "plaintext found in the volume"
+        );
         let dump = tools::run(Command::new("cryptsetup").arg("luksDump").arg(&out)).unwrap();
-        assert!(dump.contains("argon2id") && dump.contains("Memory:     65536") && dump.contains("offset: 16777216"), "{dump}");
+        assert!(
+            dump.contains("argon2id")
+                && dump.contains("Memory:     65536")
+                && dump.contains("offset: 16777216"),
+            "{dump}"
+        );
         // Only the used range was written: the rest of the data segment is a hole.
         use std::os::unix::fs::MetadataExt;
         let allocated = std::fs::metadata(&out).unwrap().blocks() * 512;
-        assert!(allocated < (16 << 20) + (1 << 19) + (1 << 20), "allocated {allocated}");
+        assert!(
+            allocated < (16 << 20) + (1 << 19) + (1 << 20),
+            "allocated {allocated}"
+        );
     }
 }

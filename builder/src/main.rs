@@ -10,7 +10,11 @@ use ncimage::qemu::Firmware;
 use ncimage::{build, firstboot, interrupt, rootfs, spec::Spec, vmtest};
 
 #[derive(Parser)]
-#[command(name = "ncimage", version, about = "Builds and proves the per-role VM images of an encrypted Nextcloud cluster")]
+#[command(
+    name = "ncimage",
+    version,
+    about = "Builds and proves the per-role VM images of an encrypted Nextcloud cluster"
+)]
 struct Cli {
     /// Log more (repeat for debug); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -87,7 +91,9 @@ fn main() -> ExitCode {
         _ => "debug",
     };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| filter.into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| filter.into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     interrupt::install();
@@ -102,15 +108,29 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> ncimage::Result<()> {
     match cli.command {
-        Cmd::Build { role, all, spec, out, quiet } => {
+        Cmd::Build {
+            role,
+            all,
+            spec,
+            out,
+            quiet,
+        } => {
             let spec = Spec::load(spec.as_deref())?;
             let project = Project::locate(cli.project.as_deref())?;
-            let guest_binary = std::env::current_exe().map_err(ncimage::Error::io("locating", "the ncimage binary"))?;
+            let guest_binary = std::env::current_exe()
+                .map_err(ncimage::Error::io("locating", "the ncimage binary"))?;
             let roles = match role {
-                Some(r) => vec![(r.clone(), out.unwrap_or_else(|| PathBuf::from("out").join(&r)))],
+                Some(r) => vec![(
+                    r.clone(),
+                    out.unwrap_or_else(|| PathBuf::from("out").join(&r)),
+                )],
                 None => {
                     let parent = out.unwrap_or_else(|| PathBuf::from("out"));
-                    project.roles().into_iter().map(|r| (r.clone(), parent.join(r))).collect()
+                    project
+                        .roles()
+                        .into_iter()
+                        .map(|r| (r.clone(), parent.join(r)))
+                        .collect()
                 }
             };
             debug_assert!(all || roles.len() == 1);
@@ -127,18 +147,49 @@ fn run(cli: Cli) -> ncimage::Result<()> {
                 if !quiet {
                     println!("built {} in {}", m.role, out.display());
                     for a in &m.artifacts {
-                        println!("  {} {:>6} MiB ({} MiB allocated) sha256 {}", a.file, a.size_bytes >> 20, a.allocated_bytes >> 20, &a.sha256[..16]);
+                        println!(
+                            "  {} {:>6} MiB ({} MiB allocated) sha256 {}",
+                            a.file,
+                            a.size_bytes >> 20,
+                            a.allocated_bytes >> 20,
+                            &a.sha256[..16]
+                        );
                     }
                     let total: f64 = m.timings_seconds.0.values().sum();
-                    println!("  stages: {} (total {total:.1} s)", m.timings_seconds.0.iter().map(|(k, v)| format!("{k} {v:.1} s")).collect::<Vec<_>>().join(", "));
+                    println!(
+                        "  stages: {} (total {total:.1} s)",
+                        m.timings_seconds
+                            .0
+                            .iter()
+                            .map(|(k, v)| format!("{k} {v:.1} s"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
                 }
             }
             Ok(())
         }
-        Cmd::Test { role, image, firmware, timeout, memory, cpus, quiet } => {
+        Cmd::Test {
+            role,
+            image,
+            firmware,
+            timeout,
+            memory,
+            cpus,
+            quiet,
+        } => {
             let project = Project::locate(cli.project.as_deref())?;
             let image_dir = image.unwrap_or_else(|| PathBuf::from("out").join(&role));
-            vmtest::run(&vmtest::Options { role, project, image_dir, firmware, timeout: Duration::from_secs(timeout), memory_mib: memory, cpus, quiet })?;
+            vmtest::run(&vmtest::Options {
+                role,
+                project,
+                image_dir,
+                firmware,
+                timeout: Duration::from_secs(timeout),
+                memory_mib: memory,
+                cpus,
+                quiet,
+            })?;
             Ok(())
         }
         Cmd::Render { role, spec } => {
@@ -154,14 +205,35 @@ fn run(cli: Cli) -> ncimage::Result<()> {
             let project = Project::locate(cli.project.as_deref())?;
             for r in project.roles() {
                 let layers = project.layers_for(&r)?;
-                let desc = layers.last().map(|l| l.manifest.description.lines().next().unwrap_or("").to_string()).unwrap_or_default();
+                let desc = layers
+                    .last()
+                    .map(|l| {
+                        l.manifest
+                            .description
+                            .lines()
+                            .next()
+                            .unwrap_or("")
+                            .to_string()
+                    })
+                    .unwrap_or_default();
                 println!("{r}\t{desc}");
             }
             Ok(())
         }
         Cmd::Firstboot { root } => {
-            let changed = firstboot::run(&firstboot::Paths::under(&root), root == std::path::Path::new("/"))?;
-            println!("ncimage firstboot: {} file(s) rendered{}", changed.len(), if changed.is_empty() { String::new() } else { format!(": {}", changed.join(", ")) });
+            let changed = firstboot::run(
+                &firstboot::Paths::under(&root),
+                root == std::path::Path::new("/"),
+            )?;
+            println!(
+                "ncimage firstboot: {} file(s) rendered{}",
+                changed.len(),
+                if changed.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", changed.join(", "))
+                }
+            );
             Ok(())
         }
     }

@@ -13,14 +13,29 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(quiet: bool) -> Progress {
-        Progress { quiet, timings: Timings::default() }
+        Progress {
+            quiet,
+            timings: Timings::default(),
+        }
     }
 
     /// Runs one stage under a spinner and records its duration.
-    pub fn stage<T>(&mut self, name: &str, what: &str, f: impl FnOnce() -> crate::Result<T>) -> crate::Result<T> {
+    pub fn stage<T>(
+        &mut self,
+        name: &str,
+        what: &str,
+        f: impl FnOnce() -> crate::Result<T>,
+    ) -> crate::Result<T> {
         crate::interrupt::check()?;
-        let bar = if self.quiet { ProgressBar::hidden() } else { ProgressBar::new_spinner() };
-        bar.set_style(ProgressStyle::with_template("{spinner} {prefix:>8} {msg} {elapsed}").expect("template"));
+        let bar = if self.quiet {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new_spinner()
+        };
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {prefix:>8} {msg} {elapsed}")
+                .expect("template"),
+        );
         bar.set_prefix(name.to_string());
         bar.set_message(what.to_string());
         bar.enable_steady_tick(Duration::from_millis(120));

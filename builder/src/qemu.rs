@@ -68,7 +68,11 @@ pub struct VmConfig {
 
 impl VmConfig {
     /// UEFI, 2 GiB, 2 vCPUs, no network, no extra disks, boot from the disk.
-    pub fn new(name: impl Into<String>, disk: impl Into<PathBuf>, workdir: impl Into<PathBuf>) -> VmConfig {
+    pub fn new(
+        name: impl Into<String>,
+        disk: impl Into<PathBuf>,
+        workdir: impl Into<PathBuf>,
+    ) -> VmConfig {
         VmConfig {
             name: name.into(),
             disk: disk.into(),
@@ -119,7 +123,11 @@ pub enum Accel {
 /// The accelerator to use: `NCIMAGE_ACCEL=tcg|kvm` forces one, otherwise KVM only when
 /// [`kvm_usable`] proves it boots firmware, else TCG.
 pub fn accel() -> Accel {
-    match std::env::var("NCIMAGE_ACCEL").ok().as_deref().map(str::trim) {
+    match std::env::var("NCIMAGE_ACCEL")
+        .ok()
+        .as_deref()
+        .map(str::trim)
+    {
         Some("tcg") => Accel::Tcg,
         Some("kvm") => Accel::Kvm,
         _ if kvm_usable() => Accel::Kvm,
@@ -151,27 +159,69 @@ pub fn qemu_args(cfg: &VmConfig, paths: &VmPaths, accel: Accel) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     push(&["-name", &format!("guest={}", esc(&cfg.name))]);
-    push(&["-no-user-config", "-nodefaults", "-display", "none", "-machine", "q35"]);
+    push(&[
+        "-no-user-config",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-machine",
+        "q35",
+    ]);
     match accel {
         Accel::Tcg => push(&["-accel", "tcg,thread=multi", "-cpu", "max"]),
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
     }
-    push(&["-m", &cfg.memory_mib.to_string(), "-smp", &cfg.cpus.to_string()]);
+    push(&[
+        "-m",
+        &cfg.memory_mib.to_string(),
+        "-smp",
+        &cfg.cpus.to_string(),
+    ]);
     if cfg.firmware == Firmware::Uefi {
-        push(&["-drive", &format!("if=pflash,format=raw,unit=0,readonly=on,file={}", esc(OVMF_CODE))]);
-        push(&["-drive", &format!("if=pflash,format=raw,unit=1,file={}", esc(&paths.ovmf_vars))]);
+        push(&[
+            "-drive",
+            &format!(
+                "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                esc(OVMF_CODE)
+            ),
+        ]);
+        push(&[
+            "-drive",
+            &format!("if=pflash,format=raw,unit=1,file={}", esc(&paths.ovmf_vars)),
+        ]);
     }
     if let Some((kernel, initrd, cmdline)) = &cfg.kernel {
-        push(&["-kernel", &kernel.to_string_lossy(), "-initrd", &initrd.to_string_lossy()]);
+        push(&[
+            "-kernel",
+            &kernel.to_string_lossy(),
+            "-initrd",
+            &initrd.to_string_lossy(),
+        ]);
         push(&["-append", cmdline]);
     }
     // The overlay is thrown away with the workdir: skipping flushes costs nothing.
-    push(&["-drive", &format!("file={},if=none,id=d0,format=qcow2,cache=unsafe,discard=unmap", esc(&paths.overlay))]);
+    push(&[
+        "-drive",
+        &format!(
+            "file={},if=none,id=d0,format=qcow2,cache=unsafe,discard=unmap",
+            esc(&paths.overlay)
+        ),
+    ]);
     // With -kernel, QEMU gives bootindex 0 to its linuxboot option ROM.
-    push(&["-device", if cfg.kernel.is_some() { "virtio-blk-pci,drive=d0" } else { "virtio-blk-pci,drive=d0,bootindex=0" }]);
+    push(&[
+        "-device",
+        if cfg.kernel.is_some() {
+            "virtio-blk-pci,drive=d0"
+        } else {
+            "virtio-blk-pci,drive=d0,bootindex=0"
+        },
+    ]);
     for (i, d) in cfg.extra_disks.iter().enumerate() {
         let id = format!("d{}", i + 1);
-        push(&["-drive", &format!("file={},if=none,id={id},format=raw,readonly=on", esc(d))]);
+        push(&[
+            "-drive",
+            &format!("file={},if=none,id={id},format=raw,readonly=on", esc(d)),
+        ]);
         push(&["-device", &format!("virtio-blk-pci,drive={id}")]);
     }
     if cfg.network {
@@ -184,12 +234,30 @@ pub fn qemu_args(cfg: &VmConfig, paths: &VmPaths, accel: Accel) -> Vec<String> {
         let device = format!("virtio-net-pci,netdev=n0,romfile=,mac={TEST_MAC}");
         push(&["-netdev", &netdev, "-device", &device]);
     }
-    push(&["-chardev", &format!("socket,id=qga0,path={},server=on,wait=off", esc(&paths.qga_socket))]);
+    push(&[
+        "-chardev",
+        &format!(
+            "socket,id=qga0,path={},server=on,wait=off",
+            esc(&paths.qga_socket)
+        ),
+    ]);
     push(&["-device", "virtio-serial-pci,id=vser0"]);
-    push(&["-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0"]);
-    push(&["-chardev", &format!("socket,id=qmp0,path={},server=on,wait=off", esc(&paths.qmp_socket))]);
+    push(&[
+        "-device",
+        "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
+    ]);
+    push(&[
+        "-chardev",
+        &format!(
+            "socket,id=qmp0,path={},server=on,wait=off",
+            esc(&paths.qmp_socket)
+        ),
+    ]);
     push(&["-mon", "chardev=qmp0,mode=control"]);
-    push(&["-chardev", &format!("file,id=ser0,path={}", esc(&paths.serial_log))]);
+    push(&[
+        "-chardev",
+        &format!("file,id=ser0,path={}", esc(&paths.serial_log)),
+    ]);
     push(&["-serial", "chardev:ser0"]);
     push(&["-device", "virtio-rng-pci"]);
     push(&["-device", "pvpanic", "-action", "panic=exit-failure"]);
@@ -210,19 +278,48 @@ pub fn kvm_usable() -> bool {
 
 fn probe_kvm() -> bool {
     use std::sync::mpsc;
-    if fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+    if fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
         return false;
     }
-    let Some(qemu) = crate::tools::which("qemu-system-x86_64") else { return false };
-    let Some(bios) = OVMF_PROBE.iter().find(|p| Path::new(p).exists()) else { return false };
+    let Some(qemu) = crate::tools::which("qemu-system-x86_64") else {
+        return false;
+    };
+    let Some(bios) = OVMF_PROBE.iter().find(|p| Path::new(p).exists()) else {
+        return false;
+    };
     let mut cmd = Command::new(qemu);
-    cmd.args(["-machine", "q35", "-accel", "kvm", "-cpu", "host", "-m", "128", "-nodefaults"])
-        .args(["-no-user-config", "-display", "none", "-serial", "stdio", "-bios", bios])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "-machine",
+        "q35",
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host",
+        "-m",
+        "128",
+        "-nodefaults",
+    ])
+    .args([
+        "-no-user-config",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-bios",
+        bios,
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     die_with_parent(&mut cmd);
-    let Ok(mut child) = cmd.spawn() else { return false };
+    let Ok(mut child) = cmd.spawn() else {
+        return false;
+    };
     let (tx, rx) = mpsc::channel::<bool>();
     let mut out = child.stdout.take().expect("piped");
     let tx2 = tx.clone();
@@ -245,11 +342,16 @@ fn probe_kvm() -> bool {
     std::thread::spawn(move || {
         let mut s = String::new();
         let _ = err.read_to_string(&mut s);
-        if s.contains("KVM internal error") || s.contains("emulation failure") || s.contains("failed to set MSR") {
+        if s.contains("KVM internal error")
+            || s.contains("emulation failure")
+            || s.contains("failed to set MSR")
+        {
             let _ = tx.send(false);
         }
     });
-    let ok = rx.recv_timeout(Duration::from_millis(4500)).unwrap_or(false);
+    let ok = rx
+        .recv_timeout(Duration::from_millis(4500))
+        .unwrap_or(false);
     let _ = child.kill();
     let _ = child.wait();
     ok
@@ -262,11 +364,20 @@ fn die_with_parent(cmd: &mut Command) {
     // SAFETY: only async-signal-safe libc calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             if libc::getppid() != parent {
-                return Err(std::io::Error::other("the parent exited before QEMU started"));
+                return Err(std::io::Error::other(
+                    "the parent exited before QEMU started",
+                ));
             }
             libc::setpgid(0, 0);
             Ok(())
@@ -293,17 +404,23 @@ impl Vm {
         let qemu = crate::tools::require("qemu-system-x86_64")?;
         crate::tools::require("qemu-img")?;
         fs::create_dir_all(&cfg.workdir).map_err(Error::io("creating", &cfg.workdir))?;
-        let workdir = fs::canonicalize(&cfg.workdir).map_err(Error::io("resolving", &cfg.workdir))?;
+        let workdir =
+            fs::canonicalize(&cfg.workdir).map_err(Error::io("resolving", &cfg.workdir))?;
         let paths = VmPaths::in_workdir(&workdir);
         for sock in [&paths.qga_socket, &paths.qmp_socket] {
             if sock.as_os_str().len() > MAX_SOCKET_PATH {
                 return Err(Error::invalid(
-                    format!("the socket path {} is longer than {MAX_SOCKET_PATH} bytes", sock.display()),
+                    format!(
+                        "the socket path {} is longer than {MAX_SOCKET_PATH} bytes",
+                        sock.display()
+                    ),
                     "use a shorter work directory (for example under /tmp)",
                 ));
             }
             match fs::remove_file(sock) {
-                Err(e) if e.kind() != ErrorKind::NotFound => return Err(Error::io("removing", sock)(e)),
+                Err(e) if e.kind() != ErrorKind::NotFound => {
+                    return Err(Error::io("removing", sock)(e))
+                }
                 _ => {}
             }
         }
@@ -334,10 +451,16 @@ impl Vm {
 
         let acc = accel();
         let args = qemu_args(&cfg, &paths, acc);
-        let log = fs::File::create(&paths.qemu_log).map_err(Error::io("creating", &paths.qemu_log))?;
-        let log2 = log.try_clone().map_err(Error::io("opening", &paths.qemu_log))?;
+        let log =
+            fs::File::create(&paths.qemu_log).map_err(Error::io("creating", &paths.qemu_log))?;
+        let log2 = log
+            .try_clone()
+            .map_err(Error::io("opening", &paths.qemu_log))?;
         let mut cmd = Command::new(&qemu);
-        cmd.args(&args).stdin(Stdio::null()).stdout(log).stderr(log2);
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
         die_with_parent(&mut cmd);
         tracing::debug!(vm = %cfg.name, accel = ?acc, command = %crate::tools::show(&cmd), "starting QEMU");
         let child = cmd.spawn().map_err(Error::io("starting", &qemu))?;
@@ -415,8 +538,15 @@ impl Vm {
     /// Runs `argv` in the guest (guest-exec, output captured), feeding `stdin` if given.
     /// A command that leaves a background process holding its stdout/stderr open does not
     /// finish until that process closes them (the agent waits for end of output).
-    pub fn exec(&self, argv: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Result<ExecOutput> {
-        self.agent.exec(argv, stdin, timeout).map_err(|e| self.explain(e))
+    pub fn exec(
+        &self,
+        argv: &[&str],
+        stdin: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<ExecOutput> {
+        self.agent
+            .exec(argv, stdin, timeout)
+            .map_err(|e| self.explain(e))
     }
 
     /// `/bin/sh -c script`.
@@ -426,7 +556,9 @@ impl Vm {
 
     /// A guest file's content (guest-file-open/read/close).
     pub fn read_file(&self, path: &str) -> Result<Vec<u8>> {
-        self.agent.read_file(path, Duration::from_secs(60)).map_err(|e| self.explain(e))
+        self.agent
+            .read_file(path, Duration::from_secs(60))
+            .map_err(|e| self.explain(e))
     }
 
     /// Writes a guest file with `mode` (e.g. 0o600), replacing any file there. The content
@@ -436,22 +568,38 @@ impl Vm {
     pub fn write_file(&self, path: &str, data: &[u8], mode: u32) -> Result<()> {
         let script = r#"umask 077 && rm -f -- "$1" && cat > "$1" && chmod "$2" -- "$1""#;
         let mode = format!("{mode:o}");
-        let out = self.exec(&["/bin/sh", "-c", script, "sh", path, &mode], Some(data), Duration::from_secs(120))?;
+        let out = self.exec(
+            &["/bin/sh", "-c", script, "sh", path, &mode],
+            Some(data),
+            Duration::from_secs(120),
+        )?;
         if out.code != 0 {
-            return Err(Error::Vm(format!("writing {path} in {} failed ({}): {}", self.name, out.code, out.stderr.trim())));
+            return Err(Error::Vm(format!(
+                "writing {path} in {} failed ({}): {}",
+                self.name,
+                out.code,
+                out.stderr.trim()
+            )));
         }
         Ok(())
     }
 
     /// Any other agent command; returns its "return" value.
     pub fn agent_call(&self, command: &str, args: Value, timeout: Duration) -> Result<Value> {
-        self.agent.call(command, args, timeout).map_err(|e| self.explain(e))
+        self.agent
+            .call(command, args, timeout)
+            .map_err(|e| self.explain(e))
     }
 
     /// A QMP command (fresh connection, capabilities negotiated); returns its "return" value.
     pub fn qmp(&self, command: &str, args: Option<Value>) -> Result<Value> {
-        qmp_call(&self.paths.qmp_socket, command, args, Duration::from_secs(10))
-            .map_err(|e| Error::Vm(format!("QMP {command} on {}: {e}", self.name)))
+        qmp_call(
+            &self.paths.qmp_socket,
+            command,
+            args,
+            Duration::from_secs(10),
+        )
+        .map_err(|e| Error::Vm(format!("QMP {command} on {}: {e}", self.name)))
     }
 
     /// ACPI power button (QMP system_powerdown).
@@ -521,7 +669,11 @@ impl Vm {
     }
 
     fn died(&self, status: ExitStatus, when: &str) -> Error {
-        Error::Vm(format!("QEMU for {} exited {when} ({status})\n{}", self.name, self.diagnostics()))
+        Error::Vm(format!(
+            "QEMU for {} exited {when} ({status})\n{}",
+            self.name,
+            self.diagnostics()
+        ))
     }
 
     fn diagnostics(&self) -> String {
@@ -563,13 +715,26 @@ impl Drop for Vm {
 
 /// "qcow2", "raw", ... as qemu-img detects it.
 fn image_format(image: &Path) -> Result<String> {
-    let out = crate::tools::run(Command::new("qemu-img").args(["info", "--output=json", "-U"]).arg(image))?;
-    let v: Value = serde_json::from_str(&out)
-        .map_err(|e| Error::Vm(format!("qemu-img info {}: unreadable answer: {e}", image.display())))?;
+    let out = crate::tools::run(
+        Command::new("qemu-img")
+            .args(["info", "--output=json", "-U"])
+            .arg(image),
+    )?;
+    let v: Value = serde_json::from_str(&out).map_err(|e| {
+        Error::Vm(format!(
+            "qemu-img info {}: unreadable answer: {e}",
+            image.display()
+        ))
+    })?;
     v.get("format")
         .and_then(Value::as_str)
         .map(str::to_string)
-        .ok_or_else(|| Error::Vm(format!("qemu-img info {}: no format in its answer", image.display())))
+        .ok_or_else(|| {
+            Error::Vm(format!(
+                "qemu-img info {}: no format in its answer",
+                image.display()
+            ))
+        })
 }
 
 /// Removes terminal escape sequences and carriage returns.
@@ -598,7 +763,9 @@ fn strip_ansi(s: &str) -> String {
 }
 
 fn file_tail(path: &Path, lines: usize) -> String {
-    let Ok(bytes) = fs::read(path) else { return String::from("(nothing)") };
+    let Ok(bytes) = fs::read(path) else {
+        return String::from("(nothing)");
+    };
     let start = bytes.len().saturating_sub(256 * 1024);
     let text = strip_ansi(&String::from_utf8_lossy(&bytes[start..]));
     let v: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -615,7 +782,10 @@ enum QgaError {
     Closed,
     Io(std::io::Error),
     /// The agent answered with an error.
-    Agent { class: String, desc: String },
+    Agent {
+        class: String,
+        desc: String,
+    },
     Protocol(String),
 }
 
@@ -635,7 +805,9 @@ impl From<std::io::Error> for QgaError {
     fn from(e: std::io::Error) -> Self {
         match e.kind() {
             ErrorKind::WouldBlock | ErrorKind::TimedOut => QgaError::Timeout("on the agent socket"),
-            ErrorKind::BrokenPipe | ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof => QgaError::Closed,
+            ErrorKind::BrokenPipe | ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof => {
+                QgaError::Closed
+            }
             _ => QgaError::Io(e),
         }
     }
@@ -648,9 +820,14 @@ type QResult<T> = std::result::Result<T, QgaError>;
 fn fresh_id() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
     // Positive and below 2^53 so it survives any JSON number handling.
-    ((t ^ (u64::from(std::process::id()) << 32)).wrapping_add(N.fetch_add(1, Ordering::Relaxed) << 8)) & ((1 << 53) - 1)
+    ((t ^ (u64::from(std::process::id()) << 32))
+        .wrapping_add(N.fetch_add(1, Ordering::Relaxed) << 8))
+        & ((1 << 53) - 1)
 }
 
 /// One connection to the agent socket.
@@ -675,12 +852,20 @@ impl Conn {
             ErrorKind::NotFound | ErrorKind::ConnectionRefused => QgaError::Closed,
             _ => QgaError::Io(e),
         })?;
-        Ok(Conn { stream, buf: Vec::new(), synced: false })
+        Ok(Conn {
+            stream,
+            buf: Vec::new(),
+            synced: false,
+        })
     }
 
     fn send(&mut self, bytes: &[u8], deadline: Instant) -> QResult<()> {
-        self.stream.set_write_timeout(Some(remaining(deadline, "sending to the agent")?))?;
-        let r = self.stream.write_all(bytes).and_then(|_| self.stream.flush());
+        self.stream
+            .set_write_timeout(Some(remaining(deadline, "sending to the agent")?))?;
+        let r = self
+            .stream
+            .write_all(bytes)
+            .and_then(|_| self.stream.flush());
         r.map_err(|e| {
             self.synced = false;
             QgaError::from(e)
@@ -691,7 +876,8 @@ impl Conn {
     fn fill(&mut self, deadline: Instant, what: &'static str) -> QResult<()> {
         let mut chunk = [0u8; 64 * 1024];
         loop {
-            self.stream.set_read_timeout(Some(remaining(deadline, what)?))?;
+            self.stream
+                .set_read_timeout(Some(remaining(deadline, what)?))?;
             match self.stream.read(&mut chunk) {
                 Ok(0) => return Err(QgaError::Closed),
                 Ok(n) => {
@@ -730,7 +916,11 @@ impl Conn {
         self.synced = false;
         let id = fresh_id();
         let mut msg = vec![0xFF];
-        msg.extend_from_slice(json!({"execute": "guest-sync-delimited", "arguments": {"id": id}}).to_string().as_bytes());
+        msg.extend_from_slice(
+            json!({"execute": "guest-sync-delimited", "arguments": {"id": id}})
+                .to_string()
+                .as_bytes(),
+        );
         msg.push(b'\n');
         self.send(&msg, deadline)?;
         loop {
@@ -740,11 +930,17 @@ impl Conn {
                 }
                 None => {
                     self.buf.clear();
-                    self.fill(deadline, "waiting for the agent to answer guest-sync-delimited")?;
+                    self.fill(
+                        deadline,
+                        "waiting for the agent to answer guest-sync-delimited",
+                    )?;
                     continue;
                 }
             }
-            let line = self.read_line(deadline, "waiting for the agent to answer guest-sync-delimited")?;
+            let line = self.read_line(
+                deadline,
+                "waiting for the agent to answer guest-sync-delimited",
+            )?;
             let line: Vec<u8> = line.into_iter().filter(|&b| b != 0xFF).collect();
             if let Ok(v) = serde_json::from_slice::<Value>(&line) {
                 if v.get("return").and_then(Value::as_u64) == Some(id) {
@@ -772,7 +968,10 @@ impl Conn {
         msg.push(b'\n');
         self.send(&msg, deadline)?;
         let r = self.answer(id, deadline);
-        if matches!(r, Err(QgaError::Timeout(_) | QgaError::Closed | QgaError::Io(_) | QgaError::Protocol(_))) {
+        if matches!(
+            r,
+            Err(QgaError::Timeout(_) | QgaError::Closed | QgaError::Io(_) | QgaError::Protocol(_))
+        ) {
             self.synced = false;
         }
         r
@@ -785,8 +984,9 @@ impl Conn {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            let v: Value = serde_json::from_slice(&line)
-                .map_err(|e| QgaError::Protocol(format!("{e}: {}", String::from_utf8_lossy(&line))))?;
+            let v: Value = serde_json::from_slice(&line).map_err(|e| {
+                QgaError::Protocol(format!("{e}: {}", String::from_utf8_lossy(&line)))
+            })?;
             if let Some(got) = v.get("id") {
                 if got.as_u64() != Some(id) {
                     continue; // an answer to an earlier, abandoned command
@@ -807,8 +1007,16 @@ fn reply(v: &Value) -> Option<QResult<Value>> {
     }
     v.get("error").map(|e| {
         Err(QgaError::Agent {
-            class: e.get("class").and_then(Value::as_str).unwrap_or("error").to_string(),
-            desc: e.get("desc").and_then(Value::as_str).unwrap_or("").to_string(),
+            class: e
+                .get("class")
+                .and_then(Value::as_str)
+                .unwrap_or("error")
+                .to_string(),
+            desc: e
+                .get("desc")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
         })
     })
 }
@@ -822,7 +1030,11 @@ struct Agent {
 
 impl Agent {
     fn new(name: &str, path: &Path) -> Agent {
-        Agent { name: name.to_string(), path: path.to_path_buf(), conn: Mutex::new(None) }
+        Agent {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            conn: Mutex::new(None),
+        }
     }
 
     fn raw_call(&self, command: &str, args: &Value, timeout: Duration) -> QResult<Value> {
@@ -848,7 +1060,9 @@ impl Agent {
         let mut last = String::from("no answer yet");
         loop {
             alive()?;
-            let step = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(3));
+            let step = deadline
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_secs(3));
             if step.is_zero() {
                 return Err(Error::Vm(format!(
                     "the guest agent of {} did not answer within {timeout:?} ({last})",
@@ -891,16 +1105,22 @@ impl Agent {
             return Err(Error::Vm("exec: empty command".into()));
         };
         let deadline = Instant::now() + timeout;
-        let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        let left = || {
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1))
+        };
         let mut req = json!({"path": path, "arg": args, "capture-output": true});
         if let Some(data) = stdin {
             req["input-data"] = Value::String(B64.encode(data));
         }
         let started = self.call("guest-exec", req, left().min(Duration::from_secs(60)))?;
-        let pid = started
-            .get("pid")
-            .and_then(Value::as_i64)
-            .ok_or_else(|| Error::Vm(format!("guest-exec `{shown}` in {}: no pid in {started}", self.name)))?;
+        let pid = started.get("pid").and_then(Value::as_i64).ok_or_else(|| {
+            Error::Vm(format!(
+                "guest-exec `{shown}` in {}: no pid in {started}",
+                self.name
+            ))
+        })?;
         let mut delay = Duration::from_millis(20);
         loop {
             crate::interrupt::check()?;
@@ -915,7 +1135,12 @@ impl Agent {
                         Some(b) => B64
                             .decode(b)
                             .map(|d| String::from_utf8_lossy(&d).into_owned())
-                            .map_err(|e| Error::Vm(format!("`{shown}` in {}: bad base64 in {key}: {e}", self.name))),
+                            .map_err(|e| {
+                                Error::Vm(format!(
+                                    "`{shown}` in {}: bad base64 in {key}: {e}",
+                                    self.name
+                                ))
+                            }),
                     }
                 };
                 let mut stderr = text("err-data")?;
@@ -926,12 +1151,19 @@ impl Agent {
                 if st.get("err-truncated").and_then(Value::as_bool) == Some(true) {
                     stderr.push_str("\n[output truncated by the guest agent]");
                 }
-                let code = match (st.get("exitcode").and_then(Value::as_i64), st.get("signal").and_then(Value::as_i64)) {
+                let code = match (
+                    st.get("exitcode").and_then(Value::as_i64),
+                    st.get("signal").and_then(Value::as_i64),
+                ) {
                     (Some(c), _) => c as i32,
                     (None, Some(s)) => 128 + s as i32,
                     (None, None) => -1,
                 };
-                return Ok(ExecOutput { code, stdout, stderr });
+                return Ok(ExecOutput {
+                    code,
+                    stdout,
+                    stderr,
+                });
             }
             if Instant::now() >= deadline {
                 // Best effort: the agent has no kill command of its own.
@@ -952,20 +1184,34 @@ impl Agent {
 
     fn read_file(&self, path: &str, timeout: Duration) -> Result<Vec<u8>> {
         let deadline = Instant::now() + timeout;
-        let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-        let handle = self.call("guest-file-open", json!({"path": path, "mode": "r"}), left())?;
-        let handle = handle
-            .as_i64()
-            .ok_or_else(|| Error::Vm(format!("guest-file-open {path} in {}: no handle in {handle}", self.name)))?;
+        let left = || {
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1))
+        };
+        let handle = self.call(
+            "guest-file-open",
+            json!({"path": path, "mode": "r"}),
+            left(),
+        )?;
+        let handle = handle.as_i64().ok_or_else(|| {
+            Error::Vm(format!(
+                "guest-file-open {path} in {}: no handle in {handle}",
+                self.name
+            ))
+        })?;
         let read = || -> Result<Vec<u8>> {
             let mut data = Vec::new();
             loop {
-                let r = self.call("guest-file-read", json!({"handle": handle, "count": FILE_CHUNK}), left())?;
+                let r = self.call(
+                    "guest-file-read",
+                    json!({"handle": handle, "count": FILE_CHUNK}),
+                    left(),
+                )?;
                 let chunk = r.get("buf-b64").and_then(Value::as_str).unwrap_or("");
-                data.extend(
-                    B64.decode(chunk)
-                        .map_err(|e| Error::Vm(format!("reading {path} in {}: bad base64: {e}", self.name)))?,
-                );
+                data.extend(B64.decode(chunk).map_err(|e| {
+                    Error::Vm(format!("reading {path} in {}: bad base64: {e}", self.name))
+                })?);
                 let count = r.get("count").and_then(Value::as_u64).unwrap_or(0);
                 if r.get("eof").and_then(Value::as_bool) == Some(true) || count == 0 {
                     return Ok(data);
@@ -982,7 +1228,11 @@ impl Agent {
     /// guest-shutdown answers nothing on success: an error answer within 3 s is a failure,
     /// silence or the socket closing is success.
     fn shutdown_request(&self) -> QResult<()> {
-        match self.raw_call("guest-shutdown", &json!({"mode": "powerdown"}), Duration::from_secs(3)) {
+        match self.raw_call(
+            "guest-shutdown",
+            &json!({"mode": "powerdown"}),
+            Duration::from_secs(3),
+        ) {
             Ok(_) | Err(QgaError::Timeout(_)) | Err(QgaError::Closed) => Ok(()),
             Err(e) => Err(e),
         }
@@ -996,7 +1246,8 @@ fn qmp_call(path: &Path, command: &str, args: Option<Value>, timeout: Duration) 
     let deadline = Instant::now() + timeout;
     let mut c = Conn::connect(path)?;
     let greeting = c.read_line(deadline, "waiting for the QMP greeting")?;
-    let greeting: Value = serde_json::from_slice(&greeting).map_err(|e| QgaError::Protocol(e.to_string()))?;
+    let greeting: Value =
+        serde_json::from_slice(&greeting).map_err(|e| QgaError::Protocol(e.to_string()))?;
     if greeting.get("QMP").is_none() {
         return Err(QgaError::Protocol(greeting.to_string()));
     }
@@ -1006,7 +1257,8 @@ fn qmp_call(path: &Path, command: &str, args: Option<Value>, timeout: Duration) 
         c.send(&msg, deadline)?;
         loop {
             let line = c.read_line(deadline, "waiting for QMP's answer")?;
-            let v: Value = serde_json::from_slice(&line).map_err(|e| QgaError::Protocol(e.to_string()))?;
+            let v: Value =
+                serde_json::from_slice(&line).map_err(|e| QgaError::Protocol(e.to_string()))?;
             if let Some(r) = reply(&v) {
                 return r;
             }
@@ -1047,33 +1299,77 @@ mod tests {
         let c = cfg(Firmware::Uefi, true);
         let a = qemu_args(&c, &VmPaths::in_workdir(&c.workdir), Accel::Tcg);
         let s = joined(&a);
-        assert_eq!(a.iter().filter(|x| x.starts_with("if=pflash")).count(), 2, "{s}");
-        assert!(s.contains(&format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}")), "{s}");
-        assert!(s.contains("if=pflash,format=raw,unit=1,file=/tmp/w/OVMF_VARS.fd"), "{s}");
+        assert_eq!(
+            a.iter().filter(|x| x.starts_with("if=pflash")).count(),
+            2,
+            "{s}"
+        );
+        assert!(
+            s.contains(&format!(
+                "if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"
+            )),
+            "{s}"
+        );
+        assert!(
+            s.contains("if=pflash,format=raw,unit=1,file=/tmp/w/OVMF_VARS.fd"),
+            "{s}"
+        );
         assert!(s.contains("-accel tcg,thread=multi -cpu max"), "{s}");
         assert!(s.contains("-netdev user,id=n0,restrict=on -device virtio-net-pci,netdev=n0,romfile=,mac=52:54:00:12:34:56"), "{s}");
         let mut c2 = cfg(Firmware::Uefi, true);
         c2.forwards = vec![(40022, 22)];
-        let s2 = joined(&qemu_args(&c2, &VmPaths::in_workdir(&c2.workdir), Accel::Tcg));
-        assert!(s2.contains("user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22 "), "forwards only from 127.0.0.1: {s2}");
+        let s2 = joined(&qemu_args(
+            &c2,
+            &VmPaths::in_workdir(&c2.workdir),
+            Accel::Tcg,
+        ));
+        assert!(
+            s2.contains("user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22 "),
+            "forwards only from 127.0.0.1: {s2}"
+        );
         assert!(!s.contains("fwd"), "no forwards: {s}");
         assert!(!s.contains("-nic"), "{s}");
-        assert!(s.contains("file=/tmp/w/overlay.qcow2,if=none,id=d0,format=qcow2"), "{s}");
+        assert!(
+            s.contains("file=/tmp/w/overlay.qcow2,if=none,id=d0,format=qcow2"),
+            "{s}"
+        );
         assert!(s.contains("virtio-blk-pci,drive=d0,bootindex=0"), "{s}");
-        assert!(s.contains("file=/tmp/seed,,1.img,if=none,id=d1,format=raw,readonly=on"), "commas escaped: {s}");
-        assert!(s.contains("socket,id=qga0,path=/tmp/w/qga.sock,server=on,wait=off"), "{s}");
+        assert!(
+            s.contains("file=/tmp/seed,,1.img,if=none,id=d1,format=raw,readonly=on"),
+            "commas escaped: {s}"
+        );
+        assert!(
+            s.contains("socket,id=qga0,path=/tmp/w/qga.sock,server=on,wait=off"),
+            "{s}"
+        );
         assert!(s.contains("name=org.qemu.guest_agent.0"), "{s}");
-        assert!(s.contains("-serial chardev:ser0") && s.contains("file,id=ser0,path=/tmp/w/serial.log"), "{s}");
-        assert!(s.contains("-device pvpanic -action panic=exit-failure"), "{s}");
-        assert!(s.contains("-nodefaults") && s.contains("-display none") && s.contains("-machine q35"), "{s}");
-        assert!(!s.contains("/tmp/base.qcow2"), "the base image is never opened directly: {s}");
+        assert!(
+            s.contains("-serial chardev:ser0") && s.contains("file,id=ser0,path=/tmp/w/serial.log"),
+            "{s}"
+        );
+        assert!(
+            s.contains("-device pvpanic -action panic=exit-failure"),
+            "{s}"
+        );
+        assert!(
+            s.contains("-nodefaults") && s.contains("-display none") && s.contains("-machine q35"),
+            "{s}"
+        );
+        assert!(
+            !s.contains("/tmp/base.qcow2"),
+            "the base image is never opened directly: {s}"
+        );
         assert!(!s.contains("-kernel"), "{s}");
     }
 
     #[test]
     fn bios_command_line_without_network_with_kernel() {
         let mut c = cfg(Firmware::Bios, false);
-        c.kernel = Some(("/k/vmlinuz".into(), "/k/initrd".into(), "root=/dev/vda rw console=ttyS0".into()));
+        c.kernel = Some((
+            "/k/vmlinuz".into(),
+            "/k/initrd".into(),
+            "root=/dev/vda rw console=ttyS0".into(),
+        ));
         let a = qemu_args(&c, &VmPaths::in_workdir(&c.workdir), Accel::Kvm);
         let s = joined(&a);
         assert!(!s.contains("pflash"), "{s}");
@@ -1087,7 +1383,10 @@ mod tests {
 
     #[test]
     fn ansi_is_stripped() {
-        assert_eq!(strip_ansi("\x1b[2J\x1b[01;01Hhello\r\n\x1b[1mok\x1b[0m"), "hello\nok");
+        assert_eq!(
+            strip_ansi("\x1b[2J\x1b[01;01Hhello\r\n\x1b[1mok\x1b[0m"),
+            "hello\nok"
+        );
     }
 
     /// A fake agent: answers sync-delimited (after some stale output), ping, exec, exec-status,
@@ -1104,16 +1403,24 @@ mod tests {
                 let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
                 // Stale output from a previous client: must be skipped.
                 if !mute {
-                    stream.write_all(b"{\"return\": {\"pid\": 1}}\n\xff{\"return\": 7}\n").unwrap();
+                    stream
+                        .write_all(b"{\"return\": {\"pid\": 1}}\n\xff{\"return\": 7}\n")
+                        .unwrap();
                 }
                 let mut line = Vec::new();
-                while reader.read_until(b'\n', &mut line).map(|n| n > 0).unwrap_or(false) {
+                while reader
+                    .read_until(b'\n', &mut line)
+                    .map(|n| n > 0)
+                    .unwrap_or(false)
+                {
                     let clean: Vec<u8> = line.iter().copied().filter(|&b| b != 0xFF).collect();
                     line.clear();
                     if mute {
                         continue;
                     }
-                    let Ok(req) = serde_json::from_slice::<Value>(&clean) else { continue };
+                    let Ok(req) = serde_json::from_slice::<Value>(&clean) else {
+                        continue;
+                    };
                     seen2.lock().unwrap().push(req.clone());
                     let id = req.get("id").cloned().unwrap_or(Value::Null);
                     let args = req.get("arguments").cloned().unwrap_or(Value::Null);
@@ -1143,12 +1450,15 @@ mod tests {
                             }
                         }
                         "guest-file-open" if args["path"] == "/nope" => {
-                            let mut r = json!({"error": {"class": "GenericError", "desc": "No such file"}});
+                            let mut r =
+                                json!({"error": {"class": "GenericError", "desc": "No such file"}});
                             r["id"] = id.clone();
                             format!("{r}\n").into_bytes()
                         }
                         "guest-file-open" => reply(json!(5)),
-                        "guest-file-read" => reply(json!({"count": 3, "buf-b64": B64.encode("abc"), "eof": true})),
+                        "guest-file-read" => {
+                            reply(json!({"count": 3, "buf-b64": B64.encode("abc"), "eof": true}))
+                        }
                         "guest-file-close" => reply(json!({})),
                         _ => continue,
                     };
@@ -1167,8 +1477,17 @@ mod tests {
         let (path, polls, seen) = fake_agent(dir.path(), false);
         let agent = Agent::new("fake", &path);
         agent.wait(Duration::from_secs(5), &|| Ok(())).unwrap();
-        let out = agent.exec(&["/bin/cat", "-"], Some(b"secret"), Duration::from_secs(10)).unwrap();
-        assert_eq!(out, ExecOutput { code: 3, stdout: "hello\n".into(), stderr: "warn".into() });
+        let out = agent
+            .exec(&["/bin/cat", "-"], Some(b"secret"), Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(
+            out,
+            ExecOutput {
+                code: 3,
+                stdout: "hello\n".into(),
+                stderr: "warn".into()
+            }
+        );
         assert_eq!(polls.load(Ordering::SeqCst), 3);
         let seen = seen.lock().unwrap();
         let exec = seen.iter().find(|r| r["execute"] == "guest-exec").unwrap();
@@ -1177,11 +1496,20 @@ mod tests {
         assert_eq!(exec["arguments"]["capture-output"], true);
         assert_eq!(exec["arguments"]["input-data"], B64.encode("secret"));
         drop(seen);
-        assert_eq!(agent.read_file("/etc/x", Duration::from_secs(5)).unwrap(), b"abc");
-        let err = agent.read_file("/nope", Duration::from_secs(5)).unwrap_err().to_string();
+        assert_eq!(
+            agent.read_file("/etc/x", Duration::from_secs(5)).unwrap(),
+            b"abc"
+        );
+        let err = agent
+            .read_file("/nope", Duration::from_secs(5))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("No such file"), "{err}");
         // The connection stays usable after an agent error.
-        assert_eq!(agent.read_file("/etc/x", Duration::from_secs(5)).unwrap(), b"abc");
+        assert_eq!(
+            agent.read_file("/etc/x", Duration::from_secs(5)).unwrap(),
+            b"abc"
+        );
     }
 
     #[test]
@@ -1190,11 +1518,18 @@ mod tests {
         let (path, _, seen) = fake_agent(dir.path(), false);
         let agent = Agent::new("fake", &path);
         let t = Instant::now();
-        let err = agent.exec(&["/bin/hang"], None, Duration::from_millis(700)).unwrap_err().to_string();
+        let err = agent
+            .exec(&["/bin/hang"], None, Duration::from_millis(700))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("did not finish"), "{err}");
         assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
         // It tried to kill the guest process.
-        assert!(seen.lock().unwrap().iter().any(|r| r["arguments"]["path"] == "/bin/kill"));
+        assert!(seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|r| r["arguments"]["path"] == "/bin/kill"));
     }
 
     #[test]
@@ -1203,10 +1538,20 @@ mod tests {
         let (path, _, _) = fake_agent(dir.path(), true);
         let agent = Agent::new("mute", &path);
         let t = Instant::now();
-        let err = agent.wait(Duration::from_millis(1200), &|| Ok(())).unwrap_err().to_string();
+        let err = agent
+            .wait(Duration::from_millis(1200), &|| Ok(()))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("did not answer"), "{err}");
-        assert!(t.elapsed() >= Duration::from_millis(1200) && t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
-        let err = agent.call("guest-ping", Value::Null, Duration::from_millis(300)).unwrap_err().to_string();
+        assert!(
+            t.elapsed() >= Duration::from_millis(1200) && t.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            t.elapsed()
+        );
+        let err = agent
+            .call("guest-ping", Value::Null, Duration::from_millis(300))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("timed out"), "{err}");
     }
 
@@ -1217,7 +1562,11 @@ mod tests {
         let t = Instant::now();
         assert!(agent.wait(Duration::from_millis(800), &|| Ok(())).is_err());
         assert!(t.elapsed() < Duration::from_secs(3));
-        let err = agent.wait(Duration::from_secs(60), &|| Err(Error::Vm("QEMU exited".into()))).unwrap_err();
+        let err = agent
+            .wait(Duration::from_secs(60), &|| {
+                Err(Error::Vm("QEMU exited".into()))
+            })
+            .unwrap_err();
         assert_eq!(err.to_string(), "QEMU exited");
     }
 
@@ -1228,6 +1577,10 @@ mod tests {
         let mut c = Conn::connect(&path).unwrap();
         c.sync(Duration::from_secs(5)).unwrap();
         assert!(c.synced);
-        assert_eq!(c.call("guest-ping", &Value::Null, Duration::from_secs(5)).unwrap(), json!({}));
+        assert_eq!(
+            c.call("guest-ping", &Value::Null, Duration::from_secs(5))
+                .unwrap(),
+            json!({})
+        );
     }
 }

@@ -26,7 +26,11 @@ pub fn render(project: &Project, spec: &Spec, role: &str) -> Result<Vec<Rendered
     let build_ctx = build_context(spec, role, &layers, &merged, &ids);
     let node = NodeConfig {
         node: crate::vmtest::test_node(role, &merged),
-        secrets: merged.secrets.iter().map(|s| (s.name.clone(), format!("<secret:{}>", s.name))).collect(),
+        secrets: merged
+            .secrets
+            .iter()
+            .map(|s| (s.name.clone(), format!("<secret:{}>", s.name)))
+            .collect(),
     };
     let info = ImageInfo {
         role: role.into(),
@@ -41,12 +45,23 @@ pub fn render(project: &Project, spec: &Spec, role: &str) -> Result<Vec<Rendered
     let fb_ctx = firstboot::context(&node, &info);
     let mut out = Vec::new();
     for l in &layers {
-        for (phase, sub, ctx) in [("build", "tree", &build_ctx), ("first boot", "firstboot", &fb_ctx)] {
+        for (phase, sub, ctx) in [
+            ("build", "tree", &build_ctx),
+            ("first boot", "firstboot", &fb_ctx),
+        ] {
             for (rel, path) in l.files(sub)? {
-                let Some(target) = rel.strip_suffix(".tera") else { continue };
+                let Some(target) = rel.strip_suffix(".tera") else {
+                    continue;
+                };
                 let source = format!("{}/{sub}/{rel}", l.source());
-                let text = std::fs::read_to_string(&path).map_err(crate::Error::io("reading", &path))?;
-                out.push(Rendered { path: format!("/{target}"), phase, text: template::render(&source, &text, ctx)?, source });
+                let text =
+                    std::fs::read_to_string(&path).map_err(crate::Error::io("reading", &path))?;
+                out.push(Rendered {
+                    path: format!("/{target}"),
+                    phase,
+                    text: template::render(&source, &text, ctx)?,
+                    source,
+                });
             }
         }
     }
@@ -59,15 +74,34 @@ mod tests {
 
     #[test]
     fn every_role_renders_and_shows_secret_names_only() {
-        let project = Project::locate(Some(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/..")))).unwrap();
+        let project = Project::locate(Some(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/.."
+        ))))
+        .unwrap();
         let spec = Spec::load(None).unwrap();
         for role in project.roles() {
             let r = render(&project, &spec, &role).unwrap();
-            assert!(r.iter().any(|f| f.path == "/etc/nftables.conf" && f.phase == "first boot"), "{role}");
+            assert!(
+                r.iter()
+                    .any(|f| f.path == "/etc/nftables.conf" && f.phase == "first boot"),
+                "{role}"
+            );
         }
         let r = render(&project, &spec, "redis").unwrap();
-        let sessions = r.iter().find(|f| f.path == "/etc/redis/redis-sessions.conf").unwrap();
-        assert!(sessions.text.contains("bind 10.0.2.15"), "{}", sessions.text);
-        assert!(sessions.text.contains("><secret:redis_sessions_password>"), "{}", sessions.text);
+        let sessions = r
+            .iter()
+            .find(|f| f.path == "/etc/redis/redis-sessions.conf")
+            .unwrap();
+        assert!(
+            sessions.text.contains("bind 10.0.2.15"),
+            "{}",
+            sessions.text
+        );
+        assert!(
+            sessions.text.contains("><secret:redis_sessions_password>"),
+            "{}",
+            sessions.text
+        );
     }
 }

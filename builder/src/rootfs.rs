@@ -84,12 +84,17 @@ impl Mirrors {
                 "set `mirror = \"http://<mirror>/debian\"` in the spec",
             )
         })?;
-        let security = security.map(str::to_string).or_else(|| host.and_then(|h| h.security));
+        let security = security
+            .map(str::to_string)
+            .or_else(|| host.and_then(|h| h.security));
         Ok(Mirrors { main, security })
     }
 
     pub fn sources(&self, suite: &str) -> Vec<String> {
-        let mut v = vec![format!("deb {} {suite} main", self.main), format!("deb {} {suite}-updates main", self.main)];
+        let mut v = vec![
+            format!("deb {} {suite} main", self.main),
+            format!("deb {} {suite}-updates main", self.main),
+        ];
         if let Some(s) = &self.security {
             v.push(format!("deb {s} {suite}-security main"));
         }
@@ -110,7 +115,9 @@ pub fn host_mirrors(etc_apt: &Path) -> Option<Mirrors> {
     files.sort();
     files.insert(0, etc_apt.join("sources.list"));
     for f in files {
-        let Ok(text) = std::fs::read_to_string(&f) else { continue };
+        let Ok(text) = std::fs::read_to_string(&f) else {
+            continue;
+        };
         for line in text.lines().map(str::trim) {
             if let Some(rest) = line.strip_prefix("URIs:") {
                 uris.extend(rest.split_whitespace().map(str::to_string));
@@ -122,16 +129,25 @@ pub fn host_mirrors(etc_apt: &Path) -> Option<Mirrors> {
             }
         }
     }
-    let debian = |u: &&String| u.starts_with("http") && u.trim_end_matches('/').ends_with("/debian");
-    let security = |u: &&String| u.starts_with("http") && u.trim_end_matches('/').ends_with("/debian-security");
+    let debian =
+        |u: &&String| u.starts_with("http") && u.trim_end_matches('/').ends_with("/debian");
+    let security = |u: &&String| {
+        u.starts_with("http") && u.trim_end_matches('/').ends_with("/debian-security")
+    };
     let main = uris.iter().find(debian)?.trim_end_matches('/').to_string();
-    let security = uris.iter().find(security).map(|u| u.trim_end_matches('/').to_string());
+    let security = uris
+        .iter()
+        .find(security)
+        .map(|u| u.trim_end_matches('/').to_string());
     Some(Mirrors { main, security })
 }
 
 /// The package apt could not find, from mmdebstrap's output.
 pub fn unknown_package(output: &str) -> Option<String> {
-    output.lines().find_map(|l| l.split("Unable to locate package ").nth(1)).map(|p| p.trim().to_string())
+    output
+        .lines()
+        .find_map(|l| l.split("Unable to locate package ").nth(1))
+        .map(|p| p.trim().to_string())
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -151,7 +167,9 @@ pub struct Rootfs {
 
 /// The cache folder: $NCIMAGE_CACHE, else /var/cache/ncimage.
 pub fn cache_dir() -> PathBuf {
-    std::env::var_os("NCIMAGE_CACHE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/cache/ncimage"))
+    std::env::var_os("NCIMAGE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/ncimage"))
 }
 
 /// The key that lets first boot open the root without a console, made once per build machine
@@ -170,7 +188,9 @@ pub fn enrollment_key(cache: &Path) -> Result<PathBuf> {
             .mode(0o600)
             .open(&tmp)
             .map_err(Error::io("creating", &tmp))?;
-        f.write_all(&key).and_then(|_| f.sync_all()).map_err(Error::io("writing", &tmp))?;
+        f.write_all(&key)
+            .and_then(|_| f.sync_all())
+            .map_err(Error::io("writing", &tmp))?;
         std::fs::rename(&tmp, &path).map_err(Error::io("renaming", &path))?;
     }
     Ok(path)
@@ -178,20 +198,39 @@ pub fn enrollment_key(cache: &Path) -> Result<PathBuf> {
 
 /// Returns the cached tree for `inputs`, bootstrapping it if needed.
 /// `origin` names the layer file that asks for a package (for error messages).
-pub fn ensure(cache: &Path, inputs: &Inputs, hooks: &[(String, PathBuf)], enroll_key: &Path, origin: &dyn Fn(&str) -> String) -> Result<Rootfs> {
+pub fn ensure(
+    cache: &Path,
+    inputs: &Inputs,
+    hooks: &[(String, PathBuf)],
+    enroll_key: &Path,
+    origin: &dyn Fn(&str) -> String,
+) -> Result<Rootfs> {
     let key = inputs.key();
     let dir = cache.join("rootfs").join(&key);
     let tar = dir.join("rootfs.tar");
     let pkgs = dir.join("packages.json");
     if tar.is_file() && pkgs.is_file() {
         let text = std::fs::read_to_string(&pkgs).map_err(Error::io("reading", &pkgs))?;
-        let packages = serde_json::from_str(&text).map_err(|e| Error::invalid(format!("{}: {e}", pkgs.display()), "delete that cache folder"))?;
-        return Ok(Rootfs { key, tar, packages, cached: true });
+        let packages = serde_json::from_str(&text).map_err(|e| {
+            Error::invalid(
+                format!("{}: {e}", pkgs.display()),
+                "delete that cache folder",
+            )
+        })?;
+        return Ok(Rootfs {
+            key,
+            tar,
+            packages,
+            cached: true,
+        });
     }
     tools::require("mmdebstrap")?;
     let parent = cache.join("rootfs");
     std::fs::create_dir_all(&parent).map_err(Error::io("creating", &parent))?;
-    let work = tempfile::Builder::new().prefix(".tmp-").tempdir_in(&parent).map_err(Error::io("creating a folder in", &parent))?;
+    let work = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempdir_in(&parent)
+        .map_err(Error::io("creating a folder in", &parent))?;
     let out_tar = work.path().join("rootfs.tar");
     let pkglist = work.path().join("packages.tsv");
 
@@ -204,7 +243,15 @@ pub fn ensure(cache: &Path, inputs: &Inputs, hooks: &[(String, PathBuf)], enroll
         .arg("--dpkgopt=path-include=/usr/share/doc/*/copyright")
         .arg("--dpkgopt=path-exclude=/usr/share/man/*")
         .arg("--dpkgopt=path-exclude=/usr/share/locale/*")
-        .arg(format!("--include={}", inputs.packages.iter().cloned().collect::<Vec<_>>().join(",")))
+        .arg(format!(
+            "--include={}",
+            inputs
+                .packages
+                .iter()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(",")
+        ))
         .env("SOURCE_DATE_EPOCH", inputs.source_date_epoch.to_string())
         .env("NCIMAGE_ENROLL_KEY", enroll_key);
     for (k, v) in &inputs.env {
@@ -238,16 +285,28 @@ pub fn ensure(cache: &Path, inputs: &Inputs, hooks: &[(String, PathBuf)], enroll
     let packages: Vec<Package> = text
         .lines()
         .filter_map(|l| l.split_once('\t'))
-        .map(|(n, v)| Package { name: n.to_string(), version: v.to_string() })
+        .map(|(n, v)| Package {
+            name: n.to_string(),
+            version: v.to_string(),
+        })
         .collect();
     let json = serde_json::to_string_pretty(&packages).expect("serialisable");
-    std::fs::write(work.path().join("packages.json"), json).map_err(Error::io("writing", work.path()))?;
-    std::fs::write(work.path().join("inputs.json"), serde_json::to_string_pretty(inputs).expect("serialisable"))
+    std::fs::write(work.path().join("packages.json"), json)
         .map_err(Error::io("writing", work.path()))?;
+    std::fs::write(
+        work.path().join("inputs.json"),
+        serde_json::to_string_pretty(inputs).expect("serialisable"),
+    )
+    .map_err(Error::io("writing", work.path()))?;
     let _ = std::fs::remove_dir_all(&dir);
     let kept = work.keep();
     std::fs::rename(&kept, &dir).map_err(Error::io("renaming", &dir))?;
-    Ok(Rootfs { key, tar, packages, cached: false })
+    Ok(Rootfs {
+        key,
+        tar,
+        packages,
+        cached: false,
+    })
 }
 
 #[cfg(test)]
@@ -287,11 +346,21 @@ mod tests {
         .unwrap();
         let m = host_mirrors(d.path()).unwrap();
         assert_eq!(m.main, "http://mirror.test/debian");
-        assert_eq!(m.security.as_deref(), Some("http://mirror.test/debian-security"));
-        assert_eq!(m.sources("trixie")[2], "deb http://mirror.test/debian-security trixie-security main");
+        assert_eq!(
+            m.security.as_deref(),
+            Some("http://mirror.test/debian-security")
+        );
+        assert_eq!(
+            m.sources("trixie")[2],
+            "deb http://mirror.test/debian-security trixie-security main"
+        );
 
         let d2 = tempfile::tempdir().unwrap();
-        std::fs::write(d2.path().join("sources.list"), "deb [arch=amd64] http://other.test/debian/ bookworm main\n").unwrap();
+        std::fs::write(
+            d2.path().join("sources.list"),
+            "deb [arch=amd64] http://other.test/debian/ bookworm main\n",
+        )
+        .unwrap();
         let m2 = host_mirrors(d2.path()).unwrap();
         assert_eq!(m2.main, "http://other.test/debian");
         assert_eq!(m2.security, None);
@@ -313,6 +382,9 @@ mod tests {
         let k2 = enrollment_key(d.path()).unwrap();
         assert_eq!(a, std::fs::read(&k2).unwrap());
         assert_eq!(a.len(), 64);
-        assert_eq!(std::fs::metadata(&k1).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&k1).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 }

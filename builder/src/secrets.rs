@@ -11,9 +11,28 @@ use crate::layer::{SecretDecl, SecretKind};
 /// An ed25519 OpenSSH private key, made by ssh-keygen in a private temporary folder.
 fn ssh_key(name: &str) -> Result<String> {
     crate::tools::require("ssh-keygen")?;
-    let d = tempfile::Builder::new().prefix("ncimage-ssh-").tempdir().map_err(Error::io("creating a temporary folder", std::env::temp_dir()))?;
+    let d = tempfile::Builder::new()
+        .prefix("ncimage-ssh-")
+        .tempdir()
+        .map_err(Error::io(
+            "creating a temporary folder",
+            std::env::temp_dir(),
+        ))?;
     let key = d.path().join("key");
-    crate::tools::run(std::process::Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", &format!("ncimage {name}"), "-f"]).arg(&key))?;
+    crate::tools::run(
+        std::process::Command::new("ssh-keygen")
+            .args([
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                &format!("ncimage {name}"),
+                "-f",
+            ])
+            .arg(&key),
+    )?;
     std::fs::read_to_string(&key).map_err(Error::io("reading", &key))
 }
 
@@ -21,12 +40,33 @@ fn ssh_key(name: &str) -> Result<String> {
 /// private temporary folder that is removed at once.
 fn self_signed_pem(name: &str) -> Result<String> {
     crate::tools::require("openssl")?;
-    let d = tempfile::Builder::new().prefix("ncimage-tls-").tempdir().map_err(Error::io("creating a temporary folder", std::env::temp_dir()))?;
+    let d = tempfile::Builder::new()
+        .prefix("ncimage-tls-")
+        .tempdir()
+        .map_err(Error::io(
+            "creating a temporary folder",
+            std::env::temp_dir(),
+        ))?;
     let (key, cert) = (d.path().join("key.pem"), d.path().join("cert.pem"));
     crate::tools::run(
         std::process::Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "825"])
-            .args(["-subj", &format!("/CN=ncimage lab {name}"), "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "825",
+            ])
+            .args([
+                "-subj",
+                &format!("/CN=ncimage lab {name}"),
+                "-addext",
+                "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            ])
             .arg("-keyout")
             .arg(&key)
             .arg("-out")
@@ -54,7 +94,8 @@ impl Secrets {
             let value = match d.kind {
                 SecretKind::Hex => {
                     let mut b = vec![0u8; d.bytes.max(16)];
-                    getrandom::fill(&mut b).map_err(|e| Error::Vm(format!("no randomness: {e}")))?;
+                    getrandom::fill(&mut b)
+                        .map_err(|e| Error::Vm(format!("no randomness: {e}")))?;
                     hex::encode(b)
                 }
                 SecretKind::TlsPem => self_signed_pem(&d.name)?,
@@ -84,8 +125,18 @@ mod tests {
     #[test]
     fn generated_per_declaration_distinct_and_redacted() {
         let decls = vec![
-            SecretDecl { name: "a".into(), description: String::new(), bytes: 32, kind: SecretKind::Hex },
-            SecretDecl { name: "b".into(), description: String::new(), bytes: 4, kind: SecretKind::Hex },
+            SecretDecl {
+                name: "a".into(),
+                description: String::new(),
+                bytes: 32,
+                kind: SecretKind::Hex,
+            },
+            SecretDecl {
+                name: "b".into(),
+                description: String::new(),
+                bytes: 4,
+                kind: SecretKind::Hex,
+            },
         ];
         let s = Secrets::generate(&decls).unwrap();
         assert_eq!(s.0["a"].len(), 64);
@@ -98,27 +149,55 @@ mod tests {
 
     #[test]
     fn ssh_secret_is_an_ed25519_private_key() {
-        let decls = vec![SecretDecl { name: "k".into(), description: String::new(), bytes: 0, kind: SecretKind::SshEd25519 }];
+        let decls = vec![SecretDecl {
+            name: "k".into(),
+            description: String::new(),
+            bytes: 0,
+            kind: SecretKind::SshEd25519,
+        }];
         let key = &Secrets::generate(&decls).unwrap().0["k"];
-        assert!(key.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----"), "{key}");
+        assert!(
+            key.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----"),
+            "{key}"
+        );
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("k");
         std::fs::write(&p, key).unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let public = crate::tools::run(std::process::Command::new("ssh-keygen").arg("-y").arg("-f").arg(&p)).unwrap();
+        let public = crate::tools::run(
+            std::process::Command::new("ssh-keygen")
+                .arg("-y")
+                .arg("-f")
+                .arg(&p),
+        )
+        .unwrap();
         assert!(public.starts_with("ssh-ed25519 "), "{public}");
     }
 
     #[test]
     fn tls_secret_is_a_certificate_with_its_key() {
-        let decls = vec![SecretDecl { name: "tls".into(), description: String::new(), bytes: 0, kind: SecretKind::TlsPem }];
+        let decls = vec![SecretDecl {
+            name: "tls".into(),
+            description: String::new(),
+            bytes: 0,
+            kind: SecretKind::TlsPem,
+        }];
         let s = Secrets::generate(&decls).unwrap();
         let pem = &s.0["tls"];
-        assert!(pem.starts_with("-----BEGIN CERTIFICATE-----") && pem.contains("-----BEGIN PRIVATE KEY-----"), "{pem}");
+        assert!(
+            pem.starts_with("-----BEGIN CERTIFICATE-----")
+                && pem.contains("-----BEGIN PRIVATE KEY-----"),
+            "{pem}"
+        );
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("p.pem"), pem).unwrap();
-        let out = crate::tools::run(std::process::Command::new("openssl").args(["x509", "-noout", "-subject", "-in"]).arg(d.path().join("p.pem"))).unwrap();
+        let out = crate::tools::run(
+            std::process::Command::new("openssl")
+                .args(["x509", "-noout", "-subject", "-in"])
+                .arg(d.path().join("p.pem")),
+        )
+        .unwrap();
         assert!(out.contains("ncimage lab tls"), "{out}");
     }
 }

@@ -30,11 +30,15 @@ pub fn nocloud(cfg: &NodeConfig, instance_id: &str, ssh_keys: &[String]) -> Seed
         n.address
     );
     if let Some(gw) = &n.gateway {
-        network_config.push_str(&format!("    routes:\n      - to: \"0.0.0.0/0\"\n        via: \"{gw}\"\n"));
+        network_config.push_str(&format!(
+            "    routes:\n      - to: \"0.0.0.0/0\"\n        via: \"{gw}\"\n"
+        ));
     }
     let json = serde_json::to_vec_pretty(cfg).expect("serialisable");
     let b64 = base64::engine::general_purpose::STANDARD.encode(json);
-    let mut user_data = String::from("#cloud-config\n# ncimage seed: this node's identity and its role's secrets.\n");
+    let mut user_data = String::from(
+        "#cloud-config\n# ncimage seed: this node's identity and its role's secrets.\n",
+    );
     user_data.push_str(&format!(
         "write_files:\n  - path: /etc/ncimage/node.json\n    owner: root:root\n    permissions: \"0600\"\n    encoding: b64\n    content: {b64}\n"
     ));
@@ -44,7 +48,11 @@ pub fn nocloud(cfg: &NodeConfig, instance_id: &str, ssh_keys: &[String]) -> Seed
             user_data.push_str(&format!("  - \"{}\"\n", k.replace('"', "")));
         }
     }
-    Seed { meta_data, user_data, network_config }
+    Seed {
+        meta_data,
+        user_data,
+        network_config,
+    }
 }
 
 impl Seed {
@@ -79,7 +87,15 @@ mod tests {
 
     fn cfg() -> NodeConfig {
         NodeConfig {
-            node: Node { name: "redis-1".into(), role: "redis".into(), address: "10.0.2.15".into(), network: "10.0.2.0/24".into(), gateway: Some("10.0.2.2".into()), mac: Some("52:54:00:12:34:56".into()), vars: Default::default() },
+            node: Node {
+                name: "redis-1".into(),
+                role: "redis".into(),
+                address: "10.0.2.15".into(),
+                network: "10.0.2.0/24".into(),
+                gateway: Some("10.0.2.2".into()),
+                mac: Some("52:54:00:12:34:56".into()),
+                vars: Default::default(),
+            },
             secrets: [("pw".to_string(), "s3cret".to_string())].into(),
         }
     }
@@ -89,13 +105,27 @@ mod tests {
         let s = nocloud(&cfg(), "i-1", &["ssh-ed25519 AAAA test".into()]);
         assert!(s.user_data.starts_with("#cloud-config\n"));
         assert!(!s.user_data.contains("s3cret"));
-        let b64 = s.user_data.lines().find_map(|l| l.trim().strip_prefix("content: ")).unwrap();
-        let json = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+        let b64 = s
+            .user_data
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("content: "))
+            .unwrap();
+        let json = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap();
         let back: NodeConfig = serde_json::from_slice(&json).unwrap();
         assert_eq!(back.secrets["pw"], "s3cret");
-        assert!(s.meta_data.contains("instance-id: i-1") && s.meta_data.contains("local-hostname: redis-1"));
-        assert!(s.network_config.contains("macaddress: \"52:54:00:12:34:56\""));
-        assert!(s.network_config.contains("10.0.2.15/24") && s.network_config.contains("via: \"10.0.2.2\""));
+        assert!(
+            s.meta_data.contains("instance-id: i-1")
+                && s.meta_data.contains("local-hostname: redis-1")
+        );
+        assert!(s
+            .network_config
+            .contains("macaddress: \"52:54:00:12:34:56\""));
+        assert!(
+            s.network_config.contains("10.0.2.15/24")
+                && s.network_config.contains("via: \"10.0.2.2\"")
+        );
         assert!(s.user_data.contains("ssh-ed25519 AAAA test"));
     }
 
@@ -105,11 +135,18 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("seed.img");
         nocloud(&cfg(), "i-1", &[]).write_vfat(&p).unwrap();
-        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let f = std::fs::File::open(&p).unwrap();
         let fs = fatfs::FileSystem::new(f, fatfs::FsOptions::new()).unwrap();
         assert_eq!(fs.volume_label().trim().to_ascii_lowercase(), "cidata");
-        let mut names: Vec<String> = fs.root_dir().iter().map(|e| e.unwrap().file_name()).collect();
+        let mut names: Vec<String> = fs
+            .root_dir()
+            .iter()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         names.sort();
         assert_eq!(names, vec!["meta-data", "network-config", "user-data"]);
     }

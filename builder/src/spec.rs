@@ -112,19 +112,32 @@ impl Size {
         let (num, mult) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
             None => (t, 1u64),
             Some((i, _)) => {
-                let mult = match t[i..].trim().to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+                let mult = match t[i..]
+                    .trim()
+                    .to_ascii_uppercase()
+                    .trim_end_matches("IB")
+                    .trim_end_matches('B')
+                {
                     "" => 1,
                     "K" => 1 << 10,
                     "M" => 1 << 20,
                     "G" => 1 << 30,
                     "T" => 1 << 40,
-                    other => return Err(format!("unknown size suffix `{other}` in `{s}`: use K, M, G or T")),
+                    other => {
+                        return Err(format!(
+                            "unknown size suffix `{other}` in `{s}`: use K, M, G or T"
+                        ))
+                    }
                 };
                 (&t[..i], mult)
             }
         };
-        let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a size: write e.g. \"2G\" or \"512M\""))?;
-        n.checked_mul(mult).map(Size).ok_or_else(|| format!("`{s}` is too large"))
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("`{s}` is not a size: write e.g. \"2G\" or \"512M\""))?;
+        n.checked_mul(mult)
+            .map(Size)
+            .ok_or_else(|| format!("`{s}` is too large"))
     }
 }
 
@@ -202,7 +215,8 @@ const SPEC_HELP: &str = "see image-specs/default.toml for every key with its def
 impl Spec {
     /// Parses spec text; `path` is only used in messages.
     pub fn parse(path: &str, text: &str) -> Result<Spec> {
-        let mut spec: Spec = toml::from_str(text).map_err(|e| Error::toml(path, text, &e, SPEC_HELP))?;
+        let mut spec: Spec =
+            toml::from_str(text).map_err(|e| Error::toml(path, text, &e, SPEC_HELP))?;
         spec.sha256 = hex::encode(Sha256::digest(text.as_bytes()));
         spec.source = path.to_string();
         spec.validate(path)?;
@@ -223,7 +237,10 @@ impl Spec {
     fn validate(&self, path: &str) -> Result<()> {
         let bad = |what: String, help: &str| Err(Error::invalid(format!("{path}: {what}"), help));
         if self.suite != "trixie" {
-            return bad(format!("suite `{}` is not supported", self.suite), "ncimage builds Debian 13: set suite = \"trixie\"");
+            return bad(
+                format!("suite `{}` is not supported", self.suite),
+                "ncimage builds Debian 13: set suite = \"trixie\"",
+            );
         }
         let mib = 1 << 20;
         for (what, size, min) in [
@@ -232,15 +249,24 @@ impl Spec {
             ("image.esp_size", self.image.esp_size, 16 * mib),
         ] {
             if size.0 < min || size.0 % mib != 0 {
-                return bad(format!("{what} = {} bytes", size.0), &format!("use a whole number of MiB, at least {} MiB", min / mib));
+                return bad(
+                    format!("{what} = {} bytes", size.0),
+                    &format!("use a whole number of MiB, at least {} MiB", min / mib),
+                );
             }
         }
         if self.image.formats.is_empty() {
-            return bad("image.formats is empty".into(), "list at least one of \"qcow2\", \"raw\"");
+            return bad(
+                "image.formats is empty".into(),
+                "list at least one of \"qcow2\", \"raw\"",
+            );
         }
         if self.luks.cipher != "aes-xts-plain64" || self.luks.key_bits != 512 {
             return bad(
-                format!("luks cipher {} with {} bits", self.luks.cipher, self.luks.key_bits),
+                format!(
+                    "luks cipher {} with {} bits",
+                    self.luks.cipher, self.luks.key_bits
+                ),
                 "ncimage encrypts with aes-xts-plain64 and a 512-bit key (AES-256 in XTS)",
             );
         }
@@ -257,7 +283,10 @@ impl Spec {
         for (role, o) in &self.roles {
             for size in [o.root_size, o.boot_size].into_iter().flatten() {
                 if size.0 < 64 * mib || size.0 % mib != 0 {
-                    return bad(format!("roles.{role}: size {} bytes", size.0), "use a whole number of MiB, at least 64 MiB");
+                    return bad(
+                        format!("roles.{role}: size {} bytes", size.0),
+                        "use a whole number of MiB, at least 64 MiB",
+                    );
                 }
             }
         }
@@ -265,10 +294,18 @@ impl Spec {
     }
 
     pub fn root_size(&self, role: &str) -> u64 {
-        self.roles.get(role).and_then(|o| o.root_size).unwrap_or(self.image.root_size).0
+        self.roles
+            .get(role)
+            .and_then(|o| o.root_size)
+            .unwrap_or(self.image.root_size)
+            .0
     }
     pub fn boot_size(&self, role: &str) -> u64 {
-        self.roles.get(role).and_then(|o| o.boot_size).unwrap_or(self.image.boot_size).0
+        self.roles
+            .get(role)
+            .and_then(|o| o.boot_size)
+            .unwrap_or(self.image.boot_size)
+            .0
     }
 }
 

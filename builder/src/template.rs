@@ -8,7 +8,8 @@ use crate::error::{Error, Result};
 pub fn render(name: &str, text: &str, ctx: &impl Serialize) -> Result<String> {
     let mut tera = tera::Tera::default();
     tera.autoescape_on(vec![]);
-    tera.add_raw_template(name, text).map_err(|e| terr(name, e))?;
+    tera.add_raw_template(name, text)
+        .map_err(|e| terr(name, e))?;
     let ctx = tera::Context::from_serialize(ctx).map_err(|e| terr(name, e))?;
     tera.render(name, &ctx).map_err(|e| terr(name, e))
 }
@@ -21,7 +22,10 @@ fn terr(name: &str, e: tera::Error) -> Error {
         message.push_str(&s.to_string());
         src = s.source();
     }
-    Error::Template { name: name.to_string(), message }
+    Error::Template {
+        name: name.to_string(),
+        message,
+    }
 }
 
 #[cfg(test)]
@@ -31,14 +35,25 @@ mod tests {
     #[test]
     fn renders_and_does_not_escape() {
         let ctx = serde_json::json!({"node": {"address": "10.0.0.5"}, "s": "<a&b>"});
-        assert_eq!(render("t", "bind {{ node.address }} {{ s }}", &ctx).unwrap(), "bind 10.0.0.5 <a&b>");
+        assert_eq!(
+            render("t", "bind {{ node.address }} {{ s }}", &ctx).unwrap(),
+            "bind 10.0.0.5 <a&b>"
+        );
     }
 
     #[test]
     fn undefined_variable_names_template_and_variable() {
-        let e = render("roles/x/firstboot/a.conf.tera", "{{ node.nope }}", &serde_json::json!({"node": {}})).unwrap_err();
+        let e = render(
+            "roles/x/firstboot/a.conf.tera",
+            "{{ node.nope }}",
+            &serde_json::json!({"node": {}}),
+        )
+        .unwrap_err();
         let m = e.to_string();
-        assert!(m.contains("roles/x/firstboot/a.conf.tera") && m.contains("node.nope"), "{m}");
+        assert!(
+            m.contains("roles/x/firstboot/a.conf.tera") && m.contains("node.nope"),
+            "{m}"
+        );
     }
 
     #[test]

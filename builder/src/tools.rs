@@ -10,11 +10,17 @@ use crate::error::{Error, Result};
 /// Host programs the builder and the test harness call, with the package that ships each.
 pub const TOOLS: &[(&str, &str)] = &[
     ("mmdebstrap", "mmdebstrap"),
-    ("mke2fs", "e2fsprogs (from bookworm-backports, 1.47.2 or later)"),
+    (
+        "mke2fs",
+        "e2fsprogs (from bookworm-backports, 1.47.2 or later)",
+    ),
     ("dumpe2fs", "e2fsprogs"),
     ("cryptsetup", "cryptsetup-bin"),
     ("sgdisk", "gdisk"),
-    ("grub-mkimage", "grub-common, grub-pc-bin and grub-efi-amd64-bin (bookworm-backports)"),
+    (
+        "grub-mkimage",
+        "grub-common, grub-pc-bin and grub-efi-amd64-bin (bookworm-backports)",
+    ),
     ("qemu-img", "qemu-utils (bookworm-backports)"),
     ("qemu-system-x86_64", "qemu-system-x86 (bookworm-backports)"),
     ("openssl", "openssl"),
@@ -31,7 +37,10 @@ pub fn require(tool: &str) -> Result<PathBuf> {
         .find(|(t, _)| *t == tool)
         .map(|(_, p)| p.to_string())
         .unwrap_or_else(|| tool.to_string());
-    Err(Error::MissingTool { tool: tool.to_string(), package })
+    Err(Error::MissingTool {
+        tool: tool.to_string(),
+        package,
+    })
 }
 
 /// Fails on the first missing tool of `tools`.
@@ -52,7 +61,9 @@ pub fn which(tool: &str) -> Option<PathBuf> {
 
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+    p.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
 }
 
 /// Runs a command to completion; on failure the error carries the command line and its output.
@@ -65,9 +76,15 @@ pub fn run(cmd: &mut Command) -> Result<String> {
         .map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => {
                 let prog = cmd.get_program().to_string_lossy().to_string();
-                require(&prog).err().unwrap_or(Error::Vm(format!("{prog}: {e}")))
+                require(&prog)
+                    .err()
+                    .unwrap_or(Error::Vm(format!("{prog}: {e}")))
             }
-            _ => Error::Command { command: shown.clone(), status: e.to_string(), output: String::new() },
+            _ => Error::Command {
+                command: shown.clone(),
+                status: e.to_string(),
+                output: String::new(),
+            },
         })?;
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     if !out.status.success() {
@@ -75,7 +92,11 @@ pub fn run(cmd: &mut Command) -> Result<String> {
         if output.trim().is_empty() {
             output = stdout.clone();
         }
-        return Err(Error::Command { command: shown, status: out.status.to_string(), output: tail(&output, 40) });
+        return Err(Error::Command {
+            command: shown,
+            status: out.status.to_string(),
+            output: tail(&output, 40),
+        });
     }
     Ok(stdout)
 }
@@ -114,6 +135,9 @@ mod tests {
     fn failing_command_reports_output() {
         let err = run(Command::new("sh").args(["-c", "echo boom >&2; exit 3"])).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("boom") && msg.contains("exit status: 3"), "{msg}");
+        assert!(
+            msg.contains("boom") && msg.contains("exit status: 3"),
+            "{msg}"
+        );
     }
 }

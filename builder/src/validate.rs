@@ -25,28 +25,69 @@ pub struct Validate {
 }
 
 /// Runs the layers' validations; a no-op when none is declared.
-pub fn run(root_tar: &Path, layers: &[Layer], merged: &crate::layer::Merged, role: &str, work: &Path) -> Result<usize> {
-    let checks: Vec<(&str, &Validate)> = layers.iter().flat_map(|l| l.manifest.validate.iter().map(move |v| (l.name.as_str(), v))).collect();
+pub fn run(
+    root_tar: &Path,
+    layers: &[Layer],
+    merged: &crate::layer::Merged,
+    role: &str,
+    work: &Path,
+) -> Result<usize> {
+    let checks: Vec<(&str, &Validate)> = layers
+        .iter()
+        .flat_map(|l| {
+            l.manifest
+                .validate
+                .iter()
+                .map(move |v| (l.name.as_str(), v))
+        })
+        .collect();
     if checks.is_empty() {
         return Ok(0);
     }
     tools::require("tar")?;
-    let tree = tempfile::Builder::new().prefix("tree-").tempdir_in(work).map_err(Error::io("creating a folder in", work))?;
-    tools::run(Command::new("tar").arg("-xf").arg(root_tar).arg("-C").arg(tree.path()).args(["--numeric-owner", "--same-permissions"]))?;
-    let node = NodeConfig { node: crate::vmtest::test_node(role, merged), secrets: Secrets::generate(&merged.secrets)?.0 };
+    let tree = tempfile::Builder::new()
+        .prefix("tree-")
+        .tempdir_in(work)
+        .map_err(Error::io("creating a folder in", work))?;
+    tools::run(
+        Command::new("tar")
+            .arg("-xf")
+            .arg(root_tar)
+            .arg("-C")
+            .arg(tree.path())
+            .args(["--numeric-owner", "--same-permissions"]),
+    )?;
+    let node = NodeConfig {
+        node: crate::vmtest::test_node(role, merged),
+        secrets: Secrets::generate(&merged.secrets)?.0,
+    };
     let node_json = tree.path().join("etc/ncimage/node.json");
-    std::fs::write(&node_json, serde_json::to_vec(&node).expect("serialisable")).map_err(Error::io("writing", &node_json))?;
+    std::fs::write(&node_json, serde_json::to_vec(&node).expect("serialisable"))
+        .map_err(Error::io("writing", &node_json))?;
     firstboot::run(&firstboot::Paths::under(tree.path()), false)?;
     for (layer, v) in &checks {
         crate::interrupt::check()?;
-        tools::run(Command::new("chroot").arg(tree.path()).args(["/bin/sh", "-c", &v.run]).env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")).map_err(|e| {
+        tools::run(
+            Command::new("chroot")
+                .arg(tree.path())
+                .args(["/bin/sh", "-c", &v.run])
+                .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        )
+        .map_err(|e| {
             let output = match e {
                 Error::Command { output, status, .. } => format!("{status}\n{output}"),
                 other => other.to_string(),
             };
             Error::invalid(
-                format!("{layer}: validation `{}` failed in the image tree: {}", v.name, secrets_free(&output, &node)),
-                format!("fix the files of layer {layer} that `{}` checks (its output is above)", v.name),
+                format!(
+                    "{layer}: validation `{}` failed in the image tree: {}",
+                    v.name,
+                    secrets_free(&output, &node)
+                ),
+                format!(
+                    "fix the files of layer {layer} that `{}` checks (its output is above)",
+                    v.name
+                ),
             )
         })?;
     }

@@ -61,7 +61,10 @@ pub fn image_disk(dir: &Path, role: &str) -> Result<PathBuf> {
             return Ok(p);
         }
     }
-    Err(Error::invalid(format!("no image for role `{role}` in {}", dir.display()), format!("build it first: ncimage build --role {role}")))
+    Err(Error::invalid(
+        format!("no image for role `{role}` in {}", dir.display()),
+        format!("build it first: ncimage build --role {role}"),
+    ))
 }
 
 pub fn run(o: &Options) -> Result<Report> {
@@ -74,17 +77,38 @@ pub fn run(o: &Options) -> Result<Report> {
         }
     };
     let secrets = Secrets::generate(&merged.secrets)?;
-    let cfg = NodeConfig { node: test_node(&o.role, &merged), secrets: secrets.0.clone() };
-    let work = tempfile::Builder::new().prefix("ncimage-test-").tempdir().map_err(Error::io("creating a temporary folder", std::env::temp_dir()))?;
+    let cfg = NodeConfig {
+        node: test_node(&o.role, &merged),
+        secrets: secrets.0.clone(),
+    };
+    let work = tempfile::Builder::new()
+        .prefix("ncimage-test-")
+        .tempdir()
+        .map_err(Error::io(
+            "creating a temporary folder",
+            std::env::temp_dir(),
+        ))?;
     let seed_path = work.path().join("seed.img");
     let mut nonce = [0u8; 8];
     getrandom::fill(&mut nonce).map_err(|e| Error::Vm(format!("no randomness: {e}")))?;
-    seed::nocloud(&cfg, &format!("{}-{}", cfg.node.name, hex::encode(nonce)), &[]).write_vfat(&seed_path)?;
+    seed::nocloud(
+        &cfg,
+        &format!("{}-{}", cfg.node.name, hex::encode(nonce)),
+        &[],
+    )
+    .write_vfat(&seed_path)?;
 
     // Host ends of two forwards (127.0.0.1 only): SSH, declared by every image, and a port no
     // layer declares, for the firewall's traffic test.
     let (ssh_port, probe_port) = (free_port()?, free_port()?);
-    say(&format!("booting {} ({:?}, {} MiB, {} vCPU) with a fresh seed for {}", disk.display(), o.firmware, o.memory_mib, o.cpus, cfg.node.name));
+    say(&format!(
+        "booting {} ({:?}, {} MiB, {} vCPU) with a fresh seed for {}",
+        disk.display(),
+        o.firmware,
+        o.memory_mib,
+        o.cpus,
+        cfg.node.name
+    ));
     let start = Instant::now();
     let vm = Vm::start(VmConfig {
         name: cfg.node.name.clone(),
@@ -101,17 +125,29 @@ pub fn run(o: &Options) -> Result<Report> {
     let deadline = start + o.timeout;
     let left = || deadline.saturating_duration_since(Instant::now());
     vm.wait_agent(left())?;
-    say(&format!("guest agent answered after {:.1} s", start.elapsed().as_secs_f64()));
+    say(&format!(
+        "guest agent answered after {:.1} s",
+        start.elapsed().as_secs_f64()
+    ));
     // Ready: systemd has finished starting (running or degraded).
     loop {
         crate::interrupt::check()?;
-        let out = vm.sh("systemctl is-system-running --wait", left().min(Duration::from_secs(60)))?;
+        let out = vm.sh(
+            "systemctl is-system-running --wait",
+            left().min(Duration::from_secs(60)),
+        )?;
         let state = out.stdout.trim().to_string();
         if state == "running" || state == "degraded" {
             break;
         }
         if left().is_zero() {
-            return Err(with_log(Error::Vm(format!("the guest is still `{state}` after {} s", o.timeout.as_secs())), &vm));
+            return Err(with_log(
+                Error::Vm(format!(
+                    "the guest is still `{state}` after {} s",
+                    o.timeout.as_secs()
+                )),
+                &vm,
+            ));
         }
         std::thread::sleep(Duration::from_secs(2));
     }
@@ -119,57 +155,121 @@ pub fn run(o: &Options) -> Result<Report> {
     say(&format!("ready after {:.1} s", ready_after.as_secs_f64()));
 
     let info_text = vm.read_file("/etc/ncimage/image.json")?;
-    let info: ImageInfo = serde_json::from_slice(&info_text).map_err(|e| Error::Vm(format!("/etc/ncimage/image.json in the guest: {e}")))?;
+    let info: ImageInfo = serde_json::from_slice(&info_text)
+        .map_err(|e| Error::Vm(format!("/etc/ncimage/image.json in the guest: {e}")))?;
     let mut ctx = firstboot::context(&cfg, &info);
     // What first boot read off the guest (its private interface), read off the guest here too.
-    let nics = vm.sh("for i in /sys/class/net/*; do echo \"${i##*/} $(cat $i/address)\"; done", Duration::from_secs(30))?.stdout;
-    if let Some(name) = nics.lines().find_map(|l| l.split_once(' ').filter(|(_, mac)| mac.eq_ignore_ascii_case(crate::qemu::TEST_MAC)).map(|(n, _)| n.to_string())) {
+    let nics = vm
+        .sh(
+            "for i in /sys/class/net/*; do echo \"${i##*/} $(cat $i/address)\"; done",
+            Duration::from_secs(30),
+        )?
+        .stdout;
+    if let Some(name) = nics.lines().find_map(|l| {
+        l.split_once(' ')
+            .filter(|(_, mac)| mac.eq_ignore_ascii_case(crate::qemu::TEST_MAC))
+            .map(|(n, _)| n.to_string())
+    }) {
         ctx["host"]["interface"] = serde_json::Value::String(name);
     }
     let mut results = firewall_traffic(&vm, &info, ssh_port, probe_port);
     for r in &results {
-        say(&format!("{} firewall / {}{}", if r.ok { "ok  " } else { "FAIL" }, r.name, if r.ok { String::new() } else { format!("\n     {}", r.detail) }));
+        say(&format!(
+            "{} firewall / {}{}",
+            if r.ok { "ok  " } else { "FAIL" },
+            r.name,
+            if r.ok {
+                String::new()
+            } else {
+                format!("\n     {}", r.detail)
+            }
+        ));
     }
     for l in &layers {
         for c in l.checks()? {
             crate::interrupt::check()?;
-            let script = template::render(&format!("{}/checks.toml: {}", l.name, c.name), &c.run, &ctx)?;
+            let script =
+                template::render(&format!("{}/checks.toml: {}", l.name, c.name), &c.run, &ctx)?;
             let r = match vm.sh(&script, Duration::from_secs(c.timeout)) {
                 Ok(out) => judge(&c, &ctx, out.code, &out.stdout, &out.stderr)?,
                 Err(e) => Some(format!("could not run: {e}")),
             };
             let detail = secrets.redact(&r.clone().unwrap_or_default());
-            say(&format!("{} {} / {}{}", if r.is_none() { "ok  " } else { "FAIL" }, l.name, c.name, if detail.is_empty() { String::new() } else { format!("\n     {}", detail.replace('\n', "\n     ")) }));
-            results.push(CheckResult { name: format!("{}/{}", l.name, c.name), ok: r.is_none(), detail });
+            say(&format!(
+                "{} {} / {}{}",
+                if r.is_none() { "ok  " } else { "FAIL" },
+                l.name,
+                c.name,
+                if detail.is_empty() {
+                    String::new()
+                } else {
+                    format!("\n     {}", detail.replace('\n', "\n     "))
+                }
+            ));
+            results.push(CheckResult {
+                name: format!("{}/{}", l.name, c.name),
+                ok: r.is_none(),
+                detail,
+            });
         }
     }
-    let analyze = vm.sh("systemd-analyze; systemd-analyze blame | head -n 5", Duration::from_secs(30)).map(|o| o.stdout).unwrap_or_default();
+    let analyze = vm
+        .sh(
+            "systemd-analyze; systemd-analyze blame | head -n 5",
+            Duration::from_secs(30),
+        )
+        .map(|o| o.stdout)
+        .unwrap_or_default();
     say(&analyze);
     let failed = results.iter().filter(|r| !r.ok).count();
     let log = vm.serial_log().display().to_string();
     if failed > 0 {
         let tail = tail_file(vm.serial_log(), 30);
-        say(&format!("--- last lines of the serial console ---\n{}", secrets.redact(&tail)));
+        say(&format!(
+            "--- last lines of the serial console ---\n{}",
+            secrets.redact(&tail)
+        ));
         drop(vm);
-        return Err(Error::Checks { failed, total: results.len(), log });
+        return Err(Error::Checks {
+            failed,
+            total: results.len(),
+            log,
+        });
     }
     let _ = vm.shutdown(Duration::from_secs(30));
-    say(&format!("{} passed, 0 failed ({} checks; ready after {:.1} s)", results.len(), results.len(), ready_after.as_secs_f64()));
-    Ok(Report { ready_after, results, analyze })
+    say(&format!(
+        "{} passed, 0 failed ({} checks; ready after {:.1} s)",
+        results.len(),
+        results.len(),
+        ready_after.as_secs_f64()
+    ));
+    Ok(Report {
+        ready_after,
+        results,
+        analyze,
+    })
 }
 
 /// A port no layer declares (the traffic test listens there in the guest).
 const PROBE_PORT: u16 = 7777;
 
 fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(Error::io("binding", "127.0.0.1:0"))?;
-    Ok(l.local_addr().map_err(Error::io("binding", "127.0.0.1:0"))?.port())
+    let l =
+        std::net::TcpListener::bind("127.0.0.1:0").map_err(Error::io("binding", "127.0.0.1:0"))?;
+    Ok(l.local_addr()
+        .map_err(Error::io("binding", "127.0.0.1:0"))?
+        .port())
 }
 
 /// Sends a line to 127.0.0.1:port and returns what comes back within `wait`.
 fn exchange(port: u16, line: &[u8], wait: Duration) -> String {
     use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(5)) else { return String::new() };
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(
+        &([127, 0, 0, 1], port).into(),
+        Duration::from_secs(5),
+    ) else {
+        return String::new();
+    };
     let _ = s.set_read_timeout(Some(wait));
     let _ = s.write_all(line);
     let mut buf = [0u8; 256];
@@ -184,24 +284,57 @@ fn exchange(port: u16, line: &[u8], wait: Duration) -> String {
 /// layer declares gets nothing through, and does once that port is opened by hand.
 fn firewall_traffic(vm: &Vm, info: &ImageInfo, ssh_port: u16, probe_port: u16) -> Vec<CheckResult> {
     let mut out = Vec::new();
-    let mut push = |name: &str, ok: bool, detail: String| out.push(CheckResult { name: name.into(), ok, detail });
+    let mut push = |name: &str, ok: bool, detail: String| {
+        out.push(CheckResult {
+            name: name.into(),
+            ok,
+            detail,
+        })
+    };
     let banner = exchange(ssh_port, b"", Duration::from_secs(10));
-    push("SSH (declared) answers from the private network", banner.starts_with("SSH-2.0-"), format!("got {banner:?}"));
-    if info.firewall.private_tcp.contains(&PROBE_PORT) || info.firewall.public_tcp.contains(&PROBE_PORT) {
-        push("probe port is undeclared", false, format!("port {PROBE_PORT} is declared by a layer: pick another probe port"));
+    push(
+        "SSH (declared) answers from the private network",
+        banner.starts_with("SSH-2.0-"),
+        format!("got {banner:?}"),
+    );
+    if info.firewall.private_tcp.contains(&PROBE_PORT)
+        || info.firewall.public_tcp.contains(&PROBE_PORT)
+    {
+        push(
+            "probe port is undeclared",
+            false,
+            format!("port {PROBE_PORT} is declared by a layer: pick another probe port"),
+        );
         return out;
     }
     let started = vm.sh(
         &format!("systemd-run --quiet --unit=ncimage-probe /usr/bin/systemd-socket-activate --accept --inetd -l {PROBE_PORT} /bin/cat"),
         Duration::from_secs(30),
     );
-    if let Err(e) = started.as_ref().map_err(|e| e.to_string()).and_then(|o| if o.code == 0 { Ok(()) } else { Err(o.stderr.clone()) }) {
-        push("an undeclared port is dropped", false, format!("could not start the probe listener: {e}"));
+    if let Err(e) = started.as_ref().map_err(|e| e.to_string()).and_then(|o| {
+        if o.code == 0 {
+            Ok(())
+        } else {
+            Err(o.stderr.clone())
+        }
+    }) {
+        push(
+            "an undeclared port is dropped",
+            false,
+            format!("could not start the probe listener: {e}"),
+        );
         return out;
     }
     let blocked = exchange(probe_port, b"ncimage-probe\n", Duration::from_secs(8));
-    push("an undeclared port is dropped by nftables", blocked.is_empty(), format!("the probe answered {blocked:?}"));
-    let opened = vm.sh(&format!("nft insert rule inet filter input tcp dport {PROBE_PORT} accept"), Duration::from_secs(30));
+    push(
+        "an undeclared port is dropped by nftables",
+        blocked.is_empty(),
+        format!("the probe answered {blocked:?}"),
+    );
+    let opened = vm.sh(
+        &format!("nft insert rule inet filter input tcp dport {PROBE_PORT} accept"),
+        Duration::from_secs(30),
+    );
     let echoed = exchange(probe_port, b"ncimage-probe\n", Duration::from_secs(8));
     push(
         "the same port answers once opened (the drop was the firewall's)",
@@ -213,7 +346,13 @@ fn firewall_traffic(vm: &Vm, info: &ImageInfo, ssh_port: u16, probe_port: u16) -
 }
 
 /// None when the check passes, else why it failed.
-fn judge(c: &layer::Check, ctx: &serde_json::Value, code: i32, stdout: &str, stderr: &str) -> Result<Option<String>> {
+fn judge(
+    c: &layer::Check,
+    ctx: &serde_json::Value,
+    code: i32,
+    stdout: &str,
+    stderr: &str,
+) -> Result<Option<String>> {
     let r = |s: &str| template::render(&c.name, s, ctx);
     let got = stdout.trim();
     let mut why = Vec::new();
@@ -249,13 +388,18 @@ fn judge(c: &layer::Check, ctx: &serde_json::Value, code: i32, stdout: &str, std
 }
 
 fn tail_file(p: &Path, n: usize) -> String {
-    let t = std::fs::read(p).map(|b| String::from_utf8_lossy(&b).to_string()).unwrap_or_default();
+    let t = std::fs::read(p)
+        .map(|b| String::from_utf8_lossy(&b).to_string())
+        .unwrap_or_default();
     let v: Vec<&str> = t.lines().collect();
     v[v.len().saturating_sub(n)..].join("\n")
 }
 
 fn with_log(e: Error, vm: &Vm) -> Error {
-    Error::Vm(format!("{e}\n--- last lines of the serial console ---\n{}", tail_file(vm.serial_log(), 25)))
+    Error::Vm(format!(
+        "{e}\n--- last lines of the serial console ---\n{}",
+        tail_file(vm.serial_log(), 25)
+    ))
 }
 
 #[cfg(test)]
@@ -277,20 +421,46 @@ mod tests {
     #[test]
     fn judge_compares_trimmed_stdout_templates_and_exit() {
         let ctx = serde_json::json!({"node": {"name": "redis-test"}});
-        assert_eq!(judge(&check(Some("{{ node.name }}"), &[]), &ctx, 0, "redis-test\n", "").unwrap(), None);
-        assert!(judge(&check(Some("x"), &[]), &ctx, 0, "y", "").unwrap().unwrap().contains("expected \"x\""));
-        assert!(judge(&check(None, &[]), &ctx, 1, "", "boom").unwrap().unwrap().contains("exit 1"));
-        assert!(judge(&check(None, &["NOAUTH"]), &ctx, 0, "(error) NOAUTH", "").unwrap().is_none());
-        assert!(judge(&check(None, &[]), &ctx, 0, "a secret-leak", "").unwrap().is_some());
+        assert_eq!(
+            judge(
+                &check(Some("{{ node.name }}"), &[]),
+                &ctx,
+                0,
+                "redis-test\n",
+                ""
+            )
+            .unwrap(),
+            None
+        );
+        assert!(judge(&check(Some("x"), &[]), &ctx, 0, "y", "")
+            .unwrap()
+            .unwrap()
+            .contains("expected \"x\""));
+        assert!(judge(&check(None, &[]), &ctx, 1, "", "boom")
+            .unwrap()
+            .unwrap()
+            .contains("exit 1"));
+        assert!(
+            judge(&check(None, &["NOAUTH"]), &ctx, 0, "(error) NOAUTH", "")
+                .unwrap()
+                .is_none()
+        );
+        assert!(judge(&check(None, &[]), &ctx, 0, "a secret-leak", "")
+            .unwrap()
+            .is_some());
     }
 
     #[test]
     fn every_declared_check_renders_for_the_test_node() {
-        let project = Project::locate(Some(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/..")))).unwrap();
+        let project =
+            Project::locate(Some(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/..")))).unwrap();
         for role in project.roles() {
             let layers = project.layers_for(&role).unwrap();
             let merged = layer::merge(&layers).unwrap();
-            let cfg = NodeConfig { node: test_node(&role, &merged), secrets: Secrets::generate(&merged.secrets).unwrap().0 };
+            let cfg = NodeConfig {
+                node: test_node(&role, &merged),
+                secrets: Secrets::generate(&merged.secrets).unwrap().0,
+            };
             let info = ImageInfo {
                 role: role.clone(),
                 spec: "default".into(),

@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 const ROLE: &str = "redis";
 
 fn project() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn scratch() -> PathBuf {
@@ -20,12 +23,19 @@ fn scratch() -> PathBuf {
 
 fn cmd(args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ncimage"));
-    c.args(args).current_dir(scratch()).env("NCIMAGE_PROJECT", project()).env("NO_COLOR", "1");
+    c.args(args)
+        .current_dir(scratch())
+        .env("NCIMAGE_PROJECT", project())
+        .env("NO_COLOR", "1");
     c
 }
 
 fn ok(out: Output) -> String {
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "failed:\n{text}");
     text
 }
@@ -37,14 +47,28 @@ fn image() -> &'static Path {
 
 /// The image of a role, built once per test process.
 fn image_for(role: &str) -> &'static Path {
-    static IMAGES: std::sync::Mutex<Vec<(String, &'static Path)>> = std::sync::Mutex::new(Vec::new());
+    static IMAGES: std::sync::Mutex<Vec<(String, &'static Path)>> =
+        std::sync::Mutex::new(Vec::new());
     let mut images = IMAGES.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((_, p)) = images.iter().find(|(r, _)| r == role) {
         return p;
     }
-    let out = scratch().join(if role == ROLE { "a".to_string() } else { role.to_string() });
+    let out = scratch().join(if role == ROLE {
+        "a".to_string()
+    } else {
+        role.to_string()
+    });
     let t = Instant::now();
-    ok(cmd(&["build", "--role", role, "--quiet", "--out", out.to_str().unwrap()]).output().unwrap());
+    ok(cmd(&[
+        "build",
+        "--role",
+        role,
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ])
+    .output()
+    .unwrap());
     eprintln!("build {role}: {:.1} s", t.elapsed().as_secs_f64());
     let p: &'static Path = Box::leak(out.into_boxed_path());
     images.push((role.to_string(), p));
@@ -60,44 +84,100 @@ fn manifest(dir: &Path) -> serde_json::Value {
 fn build_is_reproducible_verifiable_and_encrypted() {
     let a = image();
     let b = scratch().join("b");
-    ok(cmd(&["build", "--role", ROLE, "--quiet", "--out", b.to_str().unwrap()]).output().unwrap());
+    ok(cmd(&[
+        "build",
+        "--role",
+        ROLE,
+        "--quiet",
+        "--out",
+        b.to_str().unwrap(),
+    ])
+    .output()
+    .unwrap());
     let (ma, mb) = (manifest(a), manifest(&b));
     for fs in ["root", "boot"] {
-        assert_eq!(ma["filesystems"][fs]["sha256"], mb["filesystems"][fs]["sha256"], "{fs} filesystem differs between two builds");
+        assert_eq!(
+            ma["filesystems"][fs]["sha256"], mb["filesystems"][fs]["sha256"],
+            "{fs} filesystem differs between two builds"
+        );
     }
-    assert_eq!(mb["inputs"]["rootfs_cached"], true, "the second build must reuse the cached tree");
-    assert_eq!(ma["inputs"]["rootfs_cache_key"], mb["inputs"]["rootfs_cache_key"]);
+    assert_eq!(
+        mb["inputs"]["rootfs_cached"], true,
+        "the second build must reuse the cached tree"
+    );
+    assert_eq!(
+        ma["inputs"]["rootfs_cache_key"],
+        mb["inputs"]["rootfs_cache_key"]
+    );
     // SHA256SUMS verifies with the standard tool.
     for dir in [a, b.as_path()] {
-        let out = Command::new("sha256sum").arg("-c").arg("SHA256SUMS").current_dir(dir).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+        let out = Command::new("sha256sum")
+            .arg("-c")
+            .arg("SHA256SUMS")
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
     // The manifest lists packages with versions, every artifact, timings.
     let pkgs = ma["packages"].as_array().unwrap();
-    assert!(pkgs.iter().any(|p| p["name"] == "redis-server" && !p["version"].as_str().unwrap().is_empty()));
+    assert!(pkgs
+        .iter()
+        .any(|p| p["name"] == "redis-server" && !p["version"].as_str().unwrap().is_empty()));
     assert!(pkgs.iter().any(|p| p["name"] == "linux-image-amd64"));
-    let files: Vec<&str> = ma["artifacts"].as_array().unwrap().iter().map(|x| x["file"].as_str().unwrap()).collect();
+    let files: Vec<&str> = ma["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["file"].as_str().unwrap())
+        .collect();
     assert_eq!(files, vec!["ncimage-redis.qcow2", "ncimage-redis.raw"]);
     for stage in ["rootfs", "overlay", "fs", "luks", "disk", "export"] {
-        assert!(ma["timings_seconds"][stage].is_number(), "no timing for {stage}");
+        assert!(
+            ma["timings_seconds"][stage].is_number(),
+            "no timing for {stage}"
+        );
     }
     // No plaintext of the root filesystem in the root partition: a string from a file the redis
     // layer puts in /etc must not appear there, while /boot (unencrypted) holds grub.cfg.
     let raw = std::fs::read(a.join("ncimage-redis.raw")).unwrap();
     let part = |name: &str| {
-        let p = ma["disk"]["partitions"].as_array().unwrap().iter().find(|p| p["name"] == name).unwrap().clone();
+        let p = ma["disk"]["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap()
+            .clone();
         let start = p["start_lba"].as_u64().unwrap() as usize * 512;
         start..start + p["size_bytes"].as_u64().unwrap() as usize
     };
     let root = &raw[part("root")];
     assert_eq!(&root[..6], b"LUKS\xba\xbe", "root partition is not LUKS");
-    for marker in [&b"settings shared by both instances"[..], b"maxmemory-policy allkeys-lru", b"PermitRootLogin no"] {
-        assert!(!root.windows(marker.len()).any(|w| w == marker), "plaintext {:?} in the root partition", String::from_utf8_lossy(marker));
+    for marker in [
+        &b"settings shared by both instances"[..],
+        b"maxmemory-policy allkeys-lru",
+        b"PermitRootLogin no",
+    ] {
+        assert!(
+            !root.windows(marker.len()).any(|w| w == marker),
+            "plaintext {:?} in the root partition",
+            String::from_utf8_lossy(marker)
+        );
     }
     let boot = &raw[part("boot")];
-    assert!(boot.windows(22).any(|w| w == b"root=/dev/mapper/root "), "grub.cfg not found in /boot");
+    assert!(
+        boot.windows(22).any(|w| w == b"root=/dev/mapper/root "),
+        "grub.cfg not found in /boot"
+    );
     // The image is small: ciphertext of free blocks is never written.
-    let qcow = std::fs::metadata(a.join("ncimage-redis.qcow2")).unwrap().len();
+    let qcow = std::fs::metadata(a.join("ncimage-redis.qcow2"))
+        .unwrap()
+        .len();
     assert!(qcow < 900 << 20, "qcow2 is {} MiB", qcow >> 20);
 }
 
@@ -110,61 +190,125 @@ fn interrupted_build_leaves_nothing() {
     std::fs::create_dir_all(&parent).unwrap();
     let out = parent.join("redis");
     for delay in [2u64, 6] {
-        let mut child = cmd(&["build", "--role", ROLE, "--quiet", "--out", out.to_str().unwrap()]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut child = cmd(&[
+            "build",
+            "--role",
+            ROLE,
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
         std::thread::sleep(Duration::from_secs(delay));
         unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
         let status = child.wait().unwrap();
-        assert!(!status.success(), "build finished before the interrupt at {delay} s: make the test later stage");
-        let left: Vec<_> = std::fs::read_dir(&parent).unwrap().flatten().map(|e| e.file_name()).collect();
-        assert!(left.is_empty(), "interrupted build at {delay} s left {left:?}");
+        assert!(
+            !status.success(),
+            "build finished before the interrupt at {delay} s: make the test later stage"
+        );
+        let left: Vec<_> = std::fs::read_dir(&parent)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(
+            left.is_empty(),
+            "interrupted build at {delay} s left {left:?}"
+        );
     }
 }
 
 fn boot(role: &str, firmware: &str, must_pass: &str) {
     let dir = image_for(role);
     let t = Instant::now();
-    let text = ok(cmd(&["test", "--role", role, "--image", dir.to_str().unwrap(), "--firmware", firmware]).output().unwrap());
+    let text = ok(cmd(&[
+        "test",
+        "--role",
+        role,
+        "--image",
+        dir.to_str().unwrap(),
+        "--firmware",
+        firmware,
+    ])
+    .output()
+    .unwrap());
     eprintln!("{text}");
-    eprintln!("{role} {firmware}: test took {:.1} s", t.elapsed().as_secs_f64());
-    assert!(text.contains("ok   base / root mapping is a LUKS2 volume"), "{text}");
-    assert!(text.contains(&format!("ok   {role} / {must_pass}")), "{text}");
+    eprintln!(
+        "{role} {firmware}: test took {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    assert!(
+        text.contains("ok   base / root mapping is a LUKS2 volume"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("ok   {role} / {must_pass}")),
+        "{text}"
+    );
     assert!(!text.contains("FAIL"), "{text}");
 }
 
 #[test]
 #[ignore = "boots QEMU: scripts/test"]
 fn boots_under_uefi_and_passes_checks() {
-    boot(ROLE, "uefi", "sessions answers PING with the seed's password");
+    boot(
+        ROLE,
+        "uefi",
+        "sessions answers PING with the seed's password",
+    );
 }
 
 #[test]
 #[ignore = "boots QEMU: scripts/test"]
 fn boots_under_bios_and_passes_checks() {
-    boot(ROLE, "bios", "sessions answers PING with the seed's password");
+    boot(
+        ROLE,
+        "bios",
+        "sessions answers PING with the seed's password",
+    );
 }
 
 #[test]
 #[ignore = "boots QEMU: scripts/test"]
 fn db_role_boots_and_passes_checks() {
-    boot("db", "uefi", "Nextcloud settings: InnoDB, READ-COMMITTED, binlog ROW, utf8mb4");
+    boot(
+        "db",
+        "uefi",
+        "Nextcloud settings: InnoDB, READ-COMMITTED, binlog ROW, utf8mb4",
+    );
 }
 
 #[test]
 #[ignore = "boots QEMU: scripts/test"]
 fn nfs_role_boots_and_passes_checks() {
-    boot("nfs", "uefi", "a client mounts it over NFSv4.2; www-data writes, root is squashed");
+    boot(
+        "nfs",
+        "uefi",
+        "a client mounts it over NFSv4.2; www-data writes, root is squashed",
+    );
 }
 
 #[test]
 #[ignore = "boots QEMU: scripts/test"]
 fn lb_role_boots_and_passes_checks() {
-    boot("lb", "uefi", "TLS 1.2 and 1.3 only, with the seed's certificate");
+    boot(
+        "lb",
+        "uefi",
+        "TLS 1.2 and 1.3 only, with the seed's certificate",
+    );
 }
 
 #[test]
 #[ignore = "boots QEMU: scripts/test"]
 fn backup_role_boots_and_passes_checks() {
-    boot("backup", "uefi", "the dry run passes and plans pause, dump, snapshot, resume, retention, mail");
+    boot(
+        "backup",
+        "uefi",
+        "the dry run passes and plans pause, dump, snapshot, resume, retention, mail",
+    );
 }
 
 #[test]
@@ -172,7 +316,11 @@ fn backup_role_boots_and_passes_checks() {
 fn ctrl_c_during_a_boot_kills_qemu_and_cleans_up() {
     let dir = image();
     let before = temp_dirs();
-    let mut child = cmd(&["test", "--role", ROLE, "--image", dir.to_str().unwrap()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = cmd(&["test", "--role", ROLE, "--image", dir.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     std::thread::sleep(Duration::from_secs(15));
     let qemus = qemu_children(child.id());
     assert!(!qemus.is_empty(), "QEMU did not start");
@@ -180,16 +328,33 @@ fn ctrl_c_during_a_boot_kills_qemu_and_cleans_up() {
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let status = child.wait().unwrap();
     assert!(!status.success());
-    assert!(t.elapsed() < Duration::from_secs(20), "took {:?} to stop", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "took {:?} to stop",
+        t.elapsed()
+    );
     std::thread::sleep(Duration::from_millis(500));
     for pid in qemus {
         // Gone, or a zombie waiting for init to reap it.
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let state = stat.rsplit(')').next().unwrap_or("").split_whitespace().next().unwrap_or("");
-        assert!(stat.is_empty() || state == "Z", "QEMU {pid} left running ({state})");
+        let state = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .next()
+            .unwrap_or("");
+        assert!(
+            stat.is_empty() || state == "Z",
+            "QEMU {pid} left running ({state})"
+        );
     }
     let after = temp_dirs();
-    assert!(after.difference(&before).next().is_none(), "temporary folders left: {:?}", after.difference(&before).collect::<Vec<_>>());
+    assert!(
+        after.difference(&before).next().is_none(),
+        "temporary folders left: {:?}",
+        after.difference(&before).collect::<Vec<_>>()
+    );
 }
 
 fn temp_dirs() -> std::collections::BTreeSet<String> {
@@ -203,8 +368,14 @@ fn temp_dirs() -> std::collections::BTreeSet<String> {
 
 /// PIDs of the QEMU processes `pid` started.
 fn qemu_children(pid: u32) -> Vec<u32> {
-    let out = Command::new("pgrep").args(["-P", &pid.to_string(), "qemu-system"]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect()
+    let out = Command::new("pgrep")
+        .args(["-P", &pid.to_string(), "qemu-system"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
 }
 
 /// A copy of the project's layers to break on purpose.
@@ -213,7 +384,12 @@ fn project_copy(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&proj);
     std::fs::create_dir_all(&proj).unwrap();
     for dir in ["roles", "overlays"] {
-        let ok = Command::new("cp").arg("-r").arg(project().join(dir)).arg(&proj).status().unwrap();
+        let ok = Command::new("cp")
+            .arg("-r")
+            .arg(project().join(dir))
+            .arg(&proj)
+            .status()
+            .unwrap();
         assert!(ok.success());
     }
     proj
@@ -224,13 +400,30 @@ fn project_copy(name: &str) -> PathBuf {
 fn an_unknown_package_is_named_with_its_layer() {
     let proj = project_copy("unknown-package");
     let role = proj.join("roles/redis/role.toml");
-    let text = std::fs::read_to_string(&role).unwrap().replace("\"redis-tools\"]", "\"redis-tools\", \"no-such-package-ncimage\"]");
+    let text = std::fs::read_to_string(&role).unwrap().replace(
+        "\"redis-tools\"]",
+        "\"redis-tools\", \"no-such-package-ncimage\"]",
+    );
     std::fs::write(&role, text).unwrap();
     let out = scratch().join("unknown-package-out");
-    let o = cmd(&["build", "--role", ROLE, "--quiet", "--out", out.to_str().unwrap()]).env("NCIMAGE_PROJECT", &proj).output().unwrap();
+    let o = cmd(&[
+        "build",
+        "--role",
+        ROLE,
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ])
+    .env("NCIMAGE_PROJECT", &proj)
+    .output()
+    .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
-    assert!(err.contains("package `no-such-package-ncimage` does not exist in Debian trixie") && err.contains("roles/redis/role.toml"), "{err}");
+    assert!(
+        err.contains("package `no-such-package-ncimage` does not exist in Debian trixie")
+            && err.contains("roles/redis/role.toml"),
+        "{err}"
+    );
     assert!(!out.exists());
     std::fs::remove_dir_all(&proj).unwrap();
 }
@@ -246,10 +439,23 @@ fn a_config_its_checker_rejects_stops_the_build() {
     std::fs::write(&conf, text).unwrap();
     let out = scratch().join("broken");
     let _ = std::fs::remove_dir_all(&out);
-    let o = cmd(&["build", "--role", ROLE, "--quiet", "--out", out.to_str().unwrap()]).env("NCIMAGE_PROJECT", &proj).output().unwrap();
+    let o = cmd(&[
+        "build",
+        "--role",
+        ROLE,
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ])
+    .env("NCIMAGE_PROJECT", &proj)
+    .output()
+    .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "a broken sshd config was accepted");
-    assert!(err.contains("validation `sshd -t` failed") && err.contains("PermitRootLogn"), "{err}");
+    assert!(
+        err.contains("validation `sshd -t` failed") && err.contains("PermitRootLogn"),
+        "{err}"
+    );
     assert!(!out.exists(), "a failed build left {}", out.display());
     std::fs::remove_dir_all(&proj).unwrap();
 }
