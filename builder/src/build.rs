@@ -43,6 +43,8 @@ pub struct Manifest {
     pub artifacts: Vec<Artifact>,
     pub timings_seconds: Timings,
     pub packages: Vec<Package>,
+    /// Archives installed (source, sha256, the key that signed them).
+    pub archives: Vec<crate::archive::Fetched>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -211,9 +213,27 @@ pub fn build(o: &Options) -> Result<Manifest> {
         p.note(&format!("  rootfs: cached {}", &cache_key[..16]));
     }
 
+    // archives (software that is not a Debian package), verified before anything reads them
+    check_archive_names(&o.spec, &o.project)?;
+    let declared: usize = layers.iter().map(|l| l.manifest.archives.len()).sum();
+    let archives = if declared > 0 {
+        let mut notes = Vec::new();
+        let a = p.stage(
+            "fetch",
+            &format!("{declared} archive(s): sha256 and signature"),
+            || crate::archive::fetch_all(&layers, &o.spec, &o.cache, &mut |n| notes.push(n)),
+        )?;
+        for n in notes {
+            p.note(&n);
+        }
+        a
+    } else {
+        Vec::new()
+    };
+
     // overlay
     let cmdline = format!("root=/dev/mapper/root {}", o.spec.image.kernel_cmdline);
-    let context = build_context(&o.spec, &o.role, &layers, &merged, &ids);
+    let context = build_context(&o.spec, &o.role, &layers, &merged, &ids, &archives);
     let ov = p.stage("overlay", "layers, templates and units", || {
         overlay::apply(
             &overlay::Inputs {
@@ -226,6 +246,7 @@ pub fn build(o: &Options) -> Result<Manifest> {
                 guest_binary: &o.guest_binary,
                 grub_cfg: disk::grub_cfg(&cmdline),
                 mtime: epoch,
+                archives: &archives,
             },
             &work,
         )
@@ -376,6 +397,7 @@ pub fn build(o: &Options) -> Result<Manifest> {
         artifacts: artifacts.clone(),
         timings_seconds: p.timings.clone(),
         packages: root.packages.clone(),
+        archives: archives.clone(),
     };
     let mpath = tmp.path().join("manifest.json");
     let mtext = serde_json::to_string_pretty(&manifest).expect("serialisable") + "\n";
@@ -410,12 +432,57 @@ pub fn build_context(
     layers: &[layer::Layer],
     merged: &layer::Merged,
     ids: &Ids,
+    archives: &[crate::archive::Fetched],
 ) -> serde_json::Value {
+    let mut vars = merged.vars.clone();
+    if let Some(o) = spec.roles.get(role) {
+        vars.extend(o.vars.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    let archives: serde_json::Map<String, serde_json::Value> = archives
+        .iter()
+        .map(|a| {
+            (
+                a.name.clone(),
+                serde_json::json!({ "path": a.installed_to, "sha256": a.sha256, "source": a.source }),
+            )
+        })
+        .collect();
     serde_json::json!({
+        "vars": vars,
+        "archives": archives,
         "role": { "name": role, "firewall": merged.firewall, "secrets": merged.secrets.iter().map(|s| &s.name).collect::<Vec<_>>() },
         "image": { "spec": spec.name, "suite": spec.suite, "layers": layers.iter().map(|l| &l.name).collect::<Vec<_>>() },
         "ids": { "luks": ids.luks, "root_fs": ids.root_fs, "boot_fs": ids.boot_fs },
     })
+}
+
+/// A spec's `[archives.<name>]` must be a slot some role declares: a misspelt name would
+/// otherwise be ignored while the role's slot stays empty.
+fn check_archive_names(spec: &Spec, project: &Project) -> Result<()> {
+    if spec.archives.is_empty() {
+        return Ok(());
+    }
+    let mut known = std::collections::BTreeSet::new();
+    for r in project.roles() {
+        for l in project.layers_for(&r)? {
+            known.extend(l.manifest.archives.iter().map(|a| a.name.clone()));
+        }
+    }
+    for name in spec.archives.keys() {
+        if !known.contains(name) {
+            return Err(Error::invalid(
+                format!(
+                    "{}: [archives.{name}] is not an archive any role declares",
+                    spec.source
+                ),
+                format!(
+                    "archives the roles declare: {}",
+                    known.into_iter().collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A private temporary folder for intermediate files: in /dev/shm when it has 6 GiB free

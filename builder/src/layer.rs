@@ -52,6 +52,13 @@ pub struct Manifest {
     /// node.vars of the test node (`ncimage test`, build-time validation, `ncimage render`).
     #[serde(default)]
     pub test_vars: BTreeMap<String, serde_json::Value>,
+    /// Software that is not a Debian package, fetched and verified at build time (archive.rs).
+    #[serde(default)]
+    pub archives: Vec<crate::archive::ArchiveDecl>,
+    /// Build-time variables (`vars.*` in tree templates) with their defaults; a spec overrides
+    /// them per role (`[roles.<role>.vars]`).
+    #[serde(default)]
+    pub vars: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -287,6 +294,7 @@ impl Project {
         for f in &manifest.files {
             f.mode_bits()?;
         }
+        crate::archive::check_decls(&path.display().to_string(), &manifest.archives)?;
         Ok(Layer {
             name: name.to_string(),
             kind,
@@ -307,6 +315,11 @@ impl Layer {
             Kind::Role => format!("roles/{}", self.name),
             Kind::Overlay => format!("overlays/{}", self.name),
         }
+    }
+
+    /// The layer's manifest file.
+    pub fn manifest_path(&self) -> PathBuf {
+        self.dir.join(self.manifest_file())
     }
 
     /// The layer's manifest file name (`role.toml` or `layer.toml`).
@@ -388,6 +401,7 @@ pub struct Merged {
     pub firewall: Firewall,
     pub files: Vec<FileAttr>,
     pub test_vars: BTreeMap<String, serde_json::Value>,
+    pub vars: BTreeMap<String, serde_json::Value>,
 }
 
 pub fn merge(layers: &[Layer]) -> Result<Merged> {
@@ -423,6 +437,8 @@ pub fn merge(layers: &[Layer]) -> Result<Merged> {
         m.files.extend(x.files.iter().cloned());
         m.test_vars
             .extend(x.test_vars.iter().map(|(k, v)| (k.clone(), v.clone())));
+        m.vars
+            .extend(x.vars.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
     for v in [
         &mut m.firewall.private_tcp,

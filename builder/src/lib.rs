@@ -2,6 +2,7 @@
 //! proves them under QEMU. One module per concern; the CLI (main.rs) only parses and dispatches.
 //! See ARCHITECTURE.md for the map.
 
+pub mod archive;
 pub mod build;
 pub mod disk;
 pub mod error;

@@ -56,6 +56,8 @@ pub struct Inputs<'a> {
     pub guest_binary: &'a Path,
     pub grub_cfg: String,
     pub mtime: u64,
+    /// Archives fetched and verified for this build, installed after the layers' files.
+    pub archives: &'a [crate::archive::Fetched],
 }
 
 pub struct Output {
@@ -278,6 +280,18 @@ pub fn apply(inp: &Inputs, out_dir: &Path) -> Result<Output> {
             let name = f.path.rsplit('/').next().unwrap_or("").to_string();
             units.insert(name, String::from_utf8_lossy(&f.data).to_string());
         }
+    }
+
+    let mut taken: BTreeSet<String> = paths.clone();
+    taken.extend(new_files.iter().map(|f| f.path.clone()));
+    for a in inp.archives {
+        let own = crate::archive::Owners {
+            uid: users.id(&a.decl.owner, "user")?,
+            gid: groups.id(&a.decl.group, "group")?,
+            writable_uid: users.id(&a.decl.writable_owner, "user")?,
+            writable_gid: groups.id(&a.decl.writable_owner, "group")?,
+        };
+        crate::archive::append(&mut root, a, &own, &mut dirs, &taken, inp.mtime)?;
     }
 
     // Unit enablement, as `systemctl enable` would do it from [Install].
@@ -714,6 +728,7 @@ mod tests {
                 guest_binary: &bin,
                 grub_cfg: "linux /vmlinuz".into(),
                 mtime: 7,
+                archives: &[],
             },
             &out,
         )

@@ -23,7 +23,7 @@ pub fn render(project: &Project, spec: &Spec, role: &str) -> Result<Vec<Rendered
     let layers = project.layers_for(role)?;
     let merged = layer::merge(&layers)?;
     let ids = Ids::new(&spec.name, role);
-    let build_ctx = build_context(spec, role, &layers, &merged, &ids);
+    let build_ctx = build_context(spec, role, &layers, &merged, &ids, &[]);
     let node = NodeConfig {
         node: crate::vmtest::test_node(role, &merged),
         secrets: merged

@@ -30,12 +30,31 @@ pub struct Spec {
     pub luks: LuksSettings,
     #[serde(default)]
     pub roles: BTreeMap<String, RoleOverrides>,
+    /// Where archives that roles declare come from (`[archives.<name>]`).
+    #[serde(default)]
+    pub archives: BTreeMap<String, ArchiveSource>,
     /// sha256 of the spec text (set by the loader).
     #[serde(skip_deserializing)]
     pub sha256: String,
     /// Where the spec came from (set by the loader).
     #[serde(skip_deserializing)]
     pub source: String,
+    /// Folder of the spec file: relative paths in it start here (set by the loader).
+    #[serde(skip)]
+    pub dir: Option<std::path::PathBuf>,
+}
+
+/// The source of one archive: a URL or a path (relative to the spec), its pinned sha256, and
+/// its detached OpenPGP signature. `fingerprint` + `signing_key` replace the role's key.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveSource {
+    pub url: Option<String>,
+    pub path: Option<String>,
+    pub sha256: String,
+    pub signature: Option<String>,
+    pub fingerprint: Option<String>,
+    pub signing_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -60,6 +79,9 @@ pub struct ImageSettings {
 pub struct RoleOverrides {
     pub root_size: Option<Size>,
     pub boot_size: Option<Size>,
+    /// Values of the role's build-time `vars` (see the role's role.toml).
+    #[serde(default)]
+    pub vars: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
@@ -229,7 +251,14 @@ impl Spec {
             None => Spec::parse(DEFAULT_SPEC_NAME, DEFAULT_SPEC),
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(Error::io("reading the spec", p))?;
-                Spec::parse(&p.display().to_string(), &text)
+                let mut spec = Spec::parse(&p.display().to_string(), &text)?;
+                spec.dir = Some(
+                    p.parent()
+                        .filter(|d| !d.as_os_str().is_empty())
+                        .unwrap_or(Path::new("."))
+                        .to_path_buf(),
+                );
+                Ok(spec)
             }
         }
     }
@@ -279,6 +308,21 @@ impl Spec {
                 "luks pbkdf settings out of range".into(),
                 "use argon2id, pbkdf_memory_kib <= 1048576 (a small guest needs 65536), pbkdf_iterations >= 4, pbkdf_parallel >= 1",
             );
+        }
+        for (name, a) in &self.archives {
+            let hex = a.sha256.trim();
+            if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+                return bad(
+                    format!("archives.{name}.sha256 `{hex}` is not a sha256"),
+                    "pin the archive with its 64-hex-digit sha256 (sha256sum prints it)",
+                );
+            }
+            if a.url.is_some() == a.path.is_some() {
+                return bad(
+                    format!("archives.{name} needs exactly one of `url` or `path`"),
+                    "url = \"https://...\" to download, path = \"file\" (relative to the spec) for a local copy",
+                );
+            }
         }
         for (role, o) in &self.roles {
             for size in [o.root_size, o.boot_size].into_iter().flatten() {

@@ -25,6 +25,7 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("qemu-system-x86_64", "qemu-system-x86 (bookworm-backports)"),
     ("openssl", "openssl"),
     ("ssh-keygen", "openssh-client"),
+    ("gpg", "gpg"),
 ];
 
 /// Finds `tool` on PATH or fails naming the package that provides it.
