@@ -442,10 +442,8 @@ fn signature_ok(status: &str, fpr: &str) -> bool {
     for line in status.lines() {
         let f: Vec<&str> = line.split_whitespace().collect();
         match f.get(1).copied() {
-            Some("VALIDSIG") => {
-                if f.get(2) == Some(&fpr) || f.last() == Some(&fpr) {
-                    good = true;
-                }
+            Some("VALIDSIG") if (f.get(2) == Some(&fpr) || f.last() == Some(&fpr)) => {
+                good = true;
             }
             Some("REVKEYSIG") | Some("BADSIG") | Some("ERRSIG") => return false,
             _ => {}
@@ -518,7 +516,7 @@ pub fn append<W: Write>(
     if !base.is_empty() {
         add_parents(b, &format!("{base}/x"), dirs, mtime).map_err(werr)?;
     }
-    while let Some(entry) = entries.next() {
+    for entry in entries {
         let mut entry = entry.map_err(|e| bad(format!("unreadable entry: {e}")))?;
         let raw = entry
             .path()
