@@ -510,7 +510,7 @@ pub fn append<W: Write>(
     let reader = decompressor(&a.file)?;
     let mut ar = tar::Archive::new(reader);
     let mut seen: BTreeSet<String> = BTreeSet::new();
-    let mut entries = ar
+    let entries = ar
         .entries()
         .map_err(|e| bad(format!("not a tar archive: {e}")))?;
     if !base.is_empty() {
