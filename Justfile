@@ -15,6 +15,15 @@ build role=role:
     cargo build --quiet --bin ncimage
     ./target/debug/ncimage build --role {{role}}
 
+# Build the test fixtures (Nextcloud- and Collabora-shaped archives) and their spec into target/fixtures.
+fixtures:
+    qemu-tests/fixtures/build-all target/fixtures
+
+# Build all seven roles (app and collabora from the test fixtures) into out/.
+build-all:
+    cargo build --quiet --bin ncimage
+    ./target/debug/ncimage build --all --spec "$(qemu-tests/fixtures/build-all target/fixtures)"
+
 # Boot a built image under QEMU and assert its checks (firmware: uefi or bios).
 boot role=role firmware="uefi":
     cargo build --quiet --bin ncimage

@@ -164,6 +164,25 @@ pub fn build(o: &Options) -> Result<Manifest> {
     let epoch = o.spec.image.source_date_epoch;
     let stem = format!("ncimage-{}", o.role);
 
+    // archives (software that is not a Debian package), verified first: a wrong pin fails before
+    // minutes of bootstrapping
+    check_archive_names(&o.spec, &o.project)?;
+    let declared: usize = layers.iter().map(|l| l.manifest.archives.len()).sum();
+    let archives = if declared > 0 {
+        let mut notes = Vec::new();
+        let a = p.stage(
+            "fetch",
+            &format!("{declared} archive(s): sha256 and signature"),
+            || crate::archive::fetch_all(&layers, &o.spec, &o.cache, &mut |n| notes.push(n)),
+        )?;
+        for n in notes {
+            p.note(&n);
+        }
+        a
+    } else {
+        Vec::new()
+    };
+
     // rootfs
     let mut hooks: Vec<(String, PathBuf)> = Vec::new();
     for l in &layers {
@@ -212,24 +231,6 @@ pub fn build(o: &Options) -> Result<Manifest> {
     if root.cached {
         p.note(&format!("  rootfs: cached {}", &cache_key[..16]));
     }
-
-    // archives (software that is not a Debian package), verified before anything reads them
-    check_archive_names(&o.spec, &o.project)?;
-    let declared: usize = layers.iter().map(|l| l.manifest.archives.len()).sum();
-    let archives = if declared > 0 {
-        let mut notes = Vec::new();
-        let a = p.stage(
-            "fetch",
-            &format!("{declared} archive(s): sha256 and signature"),
-            || crate::archive::fetch_all(&layers, &o.spec, &o.cache, &mut |n| notes.push(n)),
-        )?;
-        for n in notes {
-            p.note(&n);
-        }
-        a
-    } else {
-        Vec::new()
-    };
 
     // overlay
     let cmdline = format!("root=/dev/mapper/root {}", o.spec.image.kernel_cmdline);

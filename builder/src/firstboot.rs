@@ -178,6 +178,13 @@ pub fn run(p: &Paths, apply: bool) -> Result<Vec<String>> {
     }
     if apply && changed.iter().any(|p| p.starts_with("/etc/systemd/")) {
         crate::tools::run(Command::new("systemctl").arg("daemon-reload"))?;
+        // A unit that only some nodes have (e.g. the NFS mount of the data directory) is
+        // rendered at first boot: enable it as its [Install] says and queue its start. Units
+        // ordered after it wait for it (ordering is evaluated when their jobs run).
+        for unit in rendered_units(&p.root, &changed) {
+            crate::tools::run(Command::new("systemctl").args(["enable", &unit]))?;
+            crate::tools::run(Command::new("systemctl").args(["start", "--no-block", &unit]))?;
+        }
     }
     if apply && !changed.is_empty() {
         for unit in &info.reload_after_firstboot {
@@ -185,6 +192,22 @@ pub fn run(p: &Paths, apply: bool) -> Result<Vec<String>> {
         }
     }
     Ok(changed)
+}
+
+/// Unit files (directly in /etc/systemd/system) among `changed` that still exist and have an
+/// [Install] section.
+fn rendered_units(root: &Path, changed: &[String]) -> Vec<String> {
+    changed
+        .iter()
+        .filter_map(|p| p.strip_prefix("/etc/systemd/system/"))
+        .filter(|name| !name.contains('/'))
+        .filter(|name| {
+            std::fs::read_to_string(root.join("etc/systemd/system").join(name))
+                .map(|t| !crate::overlay::parse_install(&t).is_empty())
+                .unwrap_or(false)
+        })
+        .map(str::to_string)
+        .collect()
 }
 
 fn write_atomic(dest: &Path, data: &[u8], mode: u32) -> Result<()> {
@@ -276,6 +299,28 @@ mod tests {
         assert!(
             run(&p, false).unwrap().is_empty(),
             "second run changed files"
+        );
+    }
+
+    #[test]
+    fn rendered_units_with_install_are_found() {
+        let d = tempfile::tempdir().unwrap();
+        let sys = d.path().join("etc/systemd/system");
+        std::fs::create_dir_all(sys.join("x.service.d")).unwrap();
+        std::fs::write(
+            sys.join("a.mount"),
+            "[Mount]\nWhat=x\n[Install]\nWantedBy=remote-fs.target\n",
+        )
+        .unwrap();
+        std::fs::write(sys.join("b.service"), "[Service]\nExecStart=/bin/true\n").unwrap();
+        let changed: Vec<String> = ["a.mount", "b.service", "gone.mount", "x.service.d/y.conf"]
+            .iter()
+            .map(|n| format!("/etc/systemd/system/{n}"))
+            .chain(["/etc/other.conf".to_string()])
+            .collect();
+        assert_eq!(
+            rendered_units(d.path(), &changed),
+            vec!["a.mount".to_string()]
         );
     }
 

@@ -34,6 +34,9 @@ pub struct Manifest {
     pub disable: Vec<String>,
     #[serde(default)]
     pub mask: Vec<String>,
+    /// Paths a package installs that the image must not have (e.g. a default site).
+    #[serde(default)]
+    pub remove: Vec<String>,
     /// Units that need this node's first-boot files: they get Requires=/After= the first-boot unit.
     #[serde(default)]
     pub after_firstboot: Vec<String>,
@@ -267,6 +270,7 @@ impl Project {
             layers.push(self.load(name, Kind::Overlay)?);
         }
         layers.push(role_layer);
+        check_files_have_templates(&layers)?;
         Ok(layers)
     }
 
@@ -302,6 +306,38 @@ impl Project {
             manifest,
         })
     }
+}
+
+/// Every `[[files]]` entry that names one file (no `*`) must be a file some layer provides, in
+/// tree/ or as a first-boot template: an entry without one means a template went missing.
+fn check_files_have_templates(layers: &[Layer]) -> Result<()> {
+    let mut provided = BTreeSet::new();
+    for l in layers {
+        for sub in ["tree", "firstboot"] {
+            for (rel, _) in l.files(sub)? {
+                let rel = rel.strip_suffix(".tera").unwrap_or(&rel).to_string();
+                provided.insert(format!("/{rel}"));
+            }
+        }
+    }
+    for l in layers {
+        for f in &l.manifest.files {
+            if !f.path.ends_with('*') && !provided.contains(&f.path) {
+                return Err(Error::invalid(
+                    format!(
+                        "{}: [[files]] {} names a file no layer provides: {}/firstboot{}.tera (or tree{}) is missing",
+                        l.manifest_path().display(),
+                        f.path,
+                        l.source(),
+                        f.path,
+                        f.path
+                    ),
+                    "restore the template, or remove the [[files]] entry",
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn is_project(p: &Path) -> bool {
@@ -395,6 +431,7 @@ pub struct Merged {
     pub enable: Vec<String>,
     pub disable: Vec<String>,
     pub mask: Vec<String>,
+    pub remove: Vec<String>,
     pub after_firstboot: Vec<String>,
     pub reload_after_firstboot: Vec<String>,
     pub secrets: Vec<SecretDecl>,
@@ -413,6 +450,8 @@ pub fn merge(layers: &[Layer]) -> Result<Merged> {
         m.enable.extend(x.enable.iter().cloned());
         m.disable.extend(x.disable.iter().cloned());
         m.mask.extend(x.mask.iter().cloned());
+        m.remove
+            .extend(x.remove.iter().map(|r| r.trim_matches('/').to_string()));
         m.after_firstboot.extend(x.after_firstboot.iter().cloned());
         m.reload_after_firstboot
             .extend(x.reload_after_firstboot.iter().cloned());

@@ -97,6 +97,12 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     interrupt::install();
+    // Into a log or a pipe, an error stays one line per message (greppable); on a terminal,
+    // miette wraps it to the width.
+    let tty = unsafe { libc::isatty(2) } == 1;
+    let _ = miette::set_hook(Box::new(move |_| {
+        Box::new(miette::MietteHandlerOpts::new().wrap_lines(tty).build())
+    }));
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

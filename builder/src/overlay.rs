@@ -190,7 +190,11 @@ pub fn apply(inp: &Inputs, out_dir: &Path) -> Result<Output> {
                 .map_err(Error::io("reading", inp.rootfs_tar))?
                 .to_string_lossy(),
         );
-        if path.is_empty() || replaced.contains(&path) || disabled(&path, &inp.merged.disable) {
+        if path.is_empty()
+            || replaced.contains(&path)
+            || disabled(&path, &inp.merged.disable)
+            || inp.merged.remove.contains(&path)
+        {
             continue;
         }
         let kind = entry.header().entry_type();

@@ -165,3 +165,153 @@ fn build_needs_a_role_or_all() {
     );
     no_artifacts(d.path());
 }
+
+/// A copy of the project's layers to break on purpose.
+fn project_copy(dir: &Path) -> std::path::PathBuf {
+    let proj = dir.join("project");
+    std::fs::create_dir_all(&proj).unwrap();
+    for sub in ["roles", "overlays"] {
+        let ok = Command::new("cp")
+            .arg("-r")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(sub))
+            .arg(&proj)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+    proj
+}
+
+#[test]
+fn a_role_folder_with_a_missing_template() {
+    let d = tempfile::tempdir().unwrap();
+    let proj = project_copy(d.path());
+    std::fs::remove_file(
+        proj.join("roles/app/firstboot/etc/php/8.4/fpm/pool.d/nextcloud.conf.tera"),
+    )
+    .unwrap();
+    for args in [
+        &["build", "--role", "app", "--out", "out"][..],
+        &["render", "--role", "app"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_ncimage"))
+            .args(args)
+            .current_dir(d.path())
+            .env("NCIMAGE_PROJECT", &proj)
+            .env("NCIMAGE_CACHE", d.path().join("cache"))
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        fails_with(
+            &out,
+            &[
+                "roles/app/role.toml",
+                "/etc/php/8.4/fpm/pool.d/nextcloud.conf",
+                "is missing",
+            ],
+        );
+    }
+    no_artifacts(d.path());
+}
+
+#[test]
+fn a_role_whose_archive_the_spec_does_not_give() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("spec.toml"), "name = \"no-archives\"\n").unwrap();
+    let out = ncimage(
+        &[
+            "build",
+            "--role",
+            "app",
+            "--spec",
+            "spec.toml",
+            "--out",
+            "out",
+        ],
+        d.path(),
+    );
+    fails_with(
+        &out,
+        &[
+            "roles/app/role.toml",
+            "needs the archive `nextcloud`",
+            "[archives.nextcloud]",
+        ],
+    );
+    no_artifacts(d.path());
+}
+
+#[test]
+fn a_wrong_archive_checksum_stops_the_build() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("image.tar"), b"not the pinned bytes").unwrap();
+    std::fs::write(
+        d.path().join("spec.toml"),
+        format!(
+            "name = \"x\"\n[archives.collabora-image]\npath = \"image.tar\"\nsha256 = \"{}\"\n",
+            "ab".repeat(32)
+        ),
+    )
+    .unwrap();
+    let out = ncimage(
+        &[
+            "build",
+            "--role",
+            "collabora",
+            "--spec",
+            "spec.toml",
+            "--out",
+            "out",
+        ],
+        d.path(),
+    );
+    fails_with(
+        &out,
+        &[
+            "[archives.collabora-image]",
+            "image.tar",
+            &format!("the spec pins {}", "ab".repeat(32)),
+        ],
+    );
+    no_artifacts(d.path());
+    let cached: Vec<_> = std::fs::read_dir(d.path().join("cache/archives"))
+        .map(|r| r.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        cached.is_empty(),
+        "unverified bytes kept in the cache: {cached:?}"
+    );
+}
+
+#[test]
+fn a_misspelt_archive_name_in_the_spec() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(
+        d.path().join("spec.toml"),
+        format!(
+            "[archives.nextclod]\npath = \"x\"\nsha256 = \"{}\"\n",
+            "0".repeat(64)
+        ),
+    )
+    .unwrap();
+    let out = ncimage(
+        &[
+            "build",
+            "--role",
+            "redis",
+            "--spec",
+            "spec.toml",
+            "--out",
+            "out",
+        ],
+        d.path(),
+    );
+    fails_with(
+        &out,
+        &[
+            "[archives.nextclod] is not an archive any role declares",
+            "nextcloud",
+        ],
+    );
+    no_artifacts(d.path());
+}

@@ -59,20 +59,121 @@ fn image_for(role: &str) -> &'static Path {
         role.to_string()
     });
     let t = Instant::now();
-    ok(cmd(&[
+    let mut args = vec![
         "build",
         "--role",
         role,
         "--quiet",
         "--out",
         out.to_str().unwrap(),
-    ])
-    .output()
-    .unwrap());
+    ];
+    // Roles with archives take them from the test fixtures. The app role downloads its release
+    // over HTTP from 127.0.0.1, through the same code as a real download (after dropping the
+    // cached copy), and checks its signature.
+    let spec;
+    if role == "app" {
+        let f = fixtures();
+        let _ = std::fs::remove_file(cache_dir().join("archives").join(&f.nextcloud_sha256));
+        spec = f.url_spec.clone();
+        args.extend(["--spec", spec.to_str().unwrap()]);
+    } else if role == "collabora" {
+        spec = fixtures().spec.clone();
+        args.extend(["--spec", spec.to_str().unwrap()]);
+    }
+    ok(cmd(&args).output().unwrap());
     eprintln!("build {role}: {:.1} s", t.elapsed().as_secs_f64());
     let p: &'static Path = Box::leak(out.into_boxed_path());
     images.push((role.to_string(), p));
     p
+}
+
+fn cache_dir() -> PathBuf {
+    std::env::var_os("NCIMAGE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/ncimage"))
+}
+
+/// The test fixtures (qemu-tests/fixtures/build-all): a Nextcloud-shaped release signed by a
+/// throw-away key and a Collabora-shaped image archive, with specs that use them.
+struct Fixtures {
+    dir: PathBuf,
+    spec: PathBuf,
+    url_spec: PathBuf,
+    nextcloud_sha256: String,
+    fingerprint: String,
+}
+
+fn fixtures() -> &'static Fixtures {
+    static F: std::sync::OnceLock<Fixtures> = std::sync::OnceLock::new();
+    F.get_or_init(|| {
+        let dir = scratch().join("fixtures");
+        let script = project().join("qemu-tests/fixtures/build-all");
+        // build-all prints the spec's path as its last line on stdout.
+        let spec_of = |c: &mut Command| -> PathBuf {
+            let out = c.output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let text = String::from_utf8(out.stdout).unwrap();
+            PathBuf::from(text.lines().last().unwrap().trim())
+        };
+        let spec = spec_of(Command::new(&script).arg(&dir));
+        let port = serve(&dir);
+        let url = format!("http://127.0.0.1:{port}");
+        let url_spec = spec_of(Command::new(&script).arg(&dir).args(["--url", &url]));
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+        Fixtures {
+            nextcloud_sha256: read("nextcloud-fixture.tar.bz2.sha256")[..64].to_string(),
+            fingerprint: read("fixture-signing-key.fpr").trim().to_string(),
+            dir,
+            spec,
+            url_spec,
+        }
+    })
+}
+
+/// A static file server on 127.0.0.1 (a thread of the test process): GET and HEAD of the files
+/// in `dir`, 404 otherwise.
+fn serve(dir: &Path) -> u16 {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let dir = dir.to_path_buf();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap_or(0);
+                let mut h = String::new();
+                while r.read_line(&mut h).unwrap_or(0) > 2 {
+                    h.clear();
+                }
+                let mut w = conn;
+                let path = line.split_whitespace().nth(1).unwrap_or("/");
+                let name = path.trim_start_matches('/');
+                match std::fs::read(dir.join(name)) {
+                    Ok(body) if !name.contains('/') && !name.is_empty() => {
+                        let _ = write!(
+                            w,
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            body.len()
+                        );
+                        if line.starts_with("GET") {
+                            let _ = w.write_all(&body);
+                        }
+                    }
+                    _ => {
+                        let _ = write!(w, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                    }
+                }
+            });
+        }
+    });
+    port
 }
 
 fn manifest(dir: &Path) -> serde_json::Value {
@@ -309,6 +410,104 @@ fn backup_role_boots_and_passes_checks() {
         "uefi",
         "the dry run passes and plans pause, dump, snapshot, resume, retention, mail",
     );
+}
+
+#[test]
+#[ignore = "boots QEMU: scripts/test"]
+fn app_role_downloads_verifies_and_serves_the_release_fixture() {
+    let dir = image_for("app");
+    let m = manifest(dir);
+    let a = &m["archives"][0];
+    assert_eq!(a["name"], "nextcloud");
+    assert!(
+        a["source"]
+            .as_str()
+            .unwrap()
+            .starts_with("http://127.0.0.1:"),
+        "{a}"
+    );
+    assert_eq!(a["sha256"], fixtures().nextcloud_sha256.as_str());
+    assert_eq!(a["signed_by"], fixtures().fingerprint.as_str());
+    boot(
+        "app",
+        "uefi",
+        "status.php answers through nginx and PHP-FPM from the release in the image",
+    );
+}
+
+#[test]
+#[ignore = "boots QEMU: scripts/test"]
+fn collabora_role_loads_the_image_archive_and_answers_discovery() {
+    boot(
+        "collabora",
+        "uefi",
+        "the discovery URL answers through nginx (TLS) from the container",
+    );
+}
+
+/// A fixtures spec with one line changed.
+fn spec_variant(name: &str, from: &str, to: &str) -> PathBuf {
+    let text = std::fs::read_to_string(&fixtures().spec).unwrap();
+    assert!(text.contains(from), "{from} not in the fixtures spec");
+    let p = fixtures().dir.join(name);
+    std::fs::write(&p, text.replace(from, to)).unwrap();
+    p
+}
+
+fn build_fails(spec: &Path, role: &str, needles: &[&str]) {
+    let out = scratch().join(format!("{role}-must-fail"));
+    let o = cmd(&[
+        "build",
+        "--role",
+        role,
+        "--quiet",
+        "--spec",
+        spec.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ])
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "accepted: {err}");
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks {n:?}: {err}");
+    }
+    assert!(!out.exists(), "a failed build left {}", out.display());
+}
+
+#[test]
+#[ignore = "builds an image: scripts/test"]
+fn a_release_signed_by_another_key_or_with_a_wrong_checksum_stops_the_build() {
+    let f = fixtures();
+    // The spec says the release must be signed by Nextcloud's key; the fixture is signed by
+    // the test key.
+    let nextcloud = "28806A878AE423A28372792ED75899B9A724937A";
+    let spec = spec_variant("other-key.toml", &f.fingerprint, nextcloud);
+    build_fails(
+        &spec,
+        "app",
+        &[&format!(
+            "the signature does not verify with key {nextcloud}"
+        )],
+    );
+    // A corrupted signature.
+    let sig = f.dir.join("bad.asc");
+    let good = std::fs::read_to_string(f.dir.join("nextcloud-fixture.tar.bz2.asc")).unwrap();
+    let mut lines: Vec<String> = good.lines().map(str::to_string).collect();
+    let i = lines.iter().position(|l| l.is_empty()).unwrap() + 1;
+    lines[i] = lines[i].chars().rev().collect();
+    std::fs::write(&sig, lines.join("\n") + "\n").unwrap();
+    let spec = spec_variant(
+        "bad-sig.toml",
+        "signature = \"nextcloud-fixture.tar.bz2.asc\"",
+        "signature = \"bad.asc\"",
+    );
+    build_fails(&spec, "app", &["the signature does not verify"]);
+    // A checksum that is not the archive's.
+    let zeros = "0".repeat(64);
+    let spec = spec_variant("bad-sum.toml", &f.nextcloud_sha256, &zeros);
+    build_fails(&spec, "app", &[&format!("the spec pins {zeros}")]);
 }
 
 #[test]
