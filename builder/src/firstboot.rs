@@ -22,6 +22,10 @@ pub struct NodeConfig {
     /// Only the secrets this node's role declares.
     #[serde(default)]
     pub secrets: std::collections::BTreeMap<String, String>,
+    /// The cluster's topology (settings and every node's name, role and address); null for a
+    /// node booted alone (`ncimage test`).
+    #[serde(default)]
+    pub cluster: serde_json::Value,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -65,6 +69,7 @@ pub fn context(node: &NodeConfig, info: &ImageInfo) -> serde_json::Value {
     serde_json::json!({
         "node": node.node,
         "secrets": node.secrets,
+        "cluster": node.cluster,
         "role": { "name": info.role, "firewall": info.firewall },
         "image": { "spec": info.spec, "layers": info.layers },
         "host": { "interface": private_interface(Path::new("/sys/class/net"), &node.node) },

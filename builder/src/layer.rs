@@ -58,6 +58,12 @@ pub struct Manifest {
     /// Software that is not a Debian package, fetched and verified at build time (archive.rs).
     #[serde(default)]
     pub archives: Vec<crate::archive::ArchiveDecl>,
+    /// The role's place in a cluster: node counts, cluster settings it needs (cluster.rs).
+    #[serde(default)]
+    pub cluster: crate::cluster::RoleCluster,
+    /// node.vars derived from the cluster spec: Tera expressions over `cluster` and `node`.
+    #[serde(default)]
+    pub node_vars: BTreeMap<String, String>,
     /// Build-time variables (`vars.*` in tree templates) with their defaults; a spec overrides
     /// them per role (`[roles.<role>.vars]`).
     #[serde(default)]
@@ -439,6 +445,7 @@ pub struct Merged {
     pub files: Vec<FileAttr>,
     pub test_vars: BTreeMap<String, serde_json::Value>,
     pub vars: BTreeMap<String, serde_json::Value>,
+    pub node_vars: BTreeMap<String, String>,
 }
 
 pub fn merge(layers: &[Layer]) -> Result<Merged> {
@@ -478,6 +485,8 @@ pub fn merge(layers: &[Layer]) -> Result<Merged> {
             .extend(x.test_vars.iter().map(|(k, v)| (k.clone(), v.clone())));
         m.vars
             .extend(x.vars.iter().map(|(k, v)| (k.clone(), v.clone())));
+        m.node_vars
+            .extend(x.node_vars.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
     for v in [
         &mut m.firewall.private_tcp,

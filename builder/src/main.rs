@@ -73,12 +73,56 @@ enum Cmd {
     },
     /// List the roles (folders under roles/).
     Roles,
+    /// A cluster's secrets.
+    Secrets {
+        #[command(subcommand)]
+        cmd: SecretsCmd,
+    },
+    /// Write one node's seed: its identity, the cluster's topology and its role's secrets only.
+    Seed {
+        /// Cluster spec (e.g. image-specs/lab.toml).
+        #[arg(long)]
+        spec: PathBuf,
+        #[arg(long)]
+        node: String,
+        /// The cluster's secrets file; default: ~/.config/ncimage/<cluster>.secrets.toml.
+        #[arg(long)]
+        secrets: Option<PathBuf>,
+        /// nocloud: a FAT volume labelled cidata; user-data: the #cloud-config for a cloud.
+        #[arg(long, value_enum, default_value = "nocloud")]
+        format: SeedFormat,
+        /// MAC address of the node's private NIC (the network config matches it); without one,
+        /// the first en* interface.
+        #[arg(long)]
+        mac: Option<String>,
+        /// Output file; default: <node>.seed.img or <node>.user-data.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// In the guest: render this node's files from its seed (run by ncimage-firstboot.service).
     Firstboot {
         /// Root of the system to configure.
         #[arg(long, default_value = "/")]
         root: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum SecretsCmd {
+    /// Generate every secret of the spec's cluster into a new file (mode 0600); never overwrites.
+    Init {
+        #[arg(long)]
+        spec: PathBuf,
+        /// Default: ~/.config/ncimage/<cluster>.secrets.toml.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SeedFormat {
+    Nocloud,
+    UserData,
 }
 
 fn main() -> ExitCode {
@@ -224,6 +268,51 @@ fn run(cli: Cli) -> ncimage::Result<()> {
                     .unwrap_or_default();
                 println!("{r}\t{desc}");
             }
+            Ok(())
+        }
+        Cmd::Secrets {
+            cmd: SecretsCmd::Init { spec, out },
+        } => {
+            let project = Project::locate(cli.project.as_deref())?;
+            let spec = Spec::load(Some(&spec))?;
+            let out = match out {
+                Some(o) => o,
+                None => ncimage::secrets::default_path(&spec)?,
+            };
+            let names = ncimage::secrets::init(&spec, &project, &out)?;
+            println!(
+                "{}: {} secrets of cluster `{}` (mode 0600): {}",
+                out.display(),
+                names.len(),
+                spec.cluster.as_ref().map(|c| c.name.as_str()).unwrap_or(""),
+                names.join(", ")
+            );
+            Ok(())
+        }
+        Cmd::Seed {
+            spec,
+            node,
+            secrets,
+            format,
+            mac,
+            out,
+        } => {
+            let project = Project::locate(cli.project.as_deref())?;
+            let spec = Spec::load(Some(&spec))?;
+            let secrets = match secrets {
+                Some(s) => s,
+                None => ncimage::secrets::default_path(&spec)?,
+            };
+            let user_data = matches!(format, SeedFormat::UserData);
+            let out = out.unwrap_or_else(|| {
+                PathBuf::from(format!(
+                    "{node}.{}",
+                    if user_data { "user-data" } else { "seed.img" }
+                ))
+            });
+            let role =
+                ncimage::seed::write_node(&spec, &project, &node, &secrets, mac, user_data, &out)?;
+            println!("{}: seed of {node} ({role})", out.display());
             Ok(())
         }
         Cmd::Firstboot { root } => {

@@ -31,6 +31,7 @@ pub fn render(project: &Project, spec: &Spec, role: &str) -> Result<Vec<Rendered
             .iter()
             .map(|s| (s.name.clone(), format!("<secret:{}>", s.name)))
             .collect(),
+        cluster: serde_json::Value::Null,
     };
     let info = ImageInfo {
         role: role.into(),

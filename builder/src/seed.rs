@@ -55,6 +55,49 @@ pub fn nocloud(cfg: &NodeConfig, instance_id: &str, ssh_keys: &[String]) -> Seed
     }
 }
 
+/// Writes the seed of one node of a cluster spec (NoCloud FAT volume, or the user-data alone
+/// for a cloud), mode 0600, via a temporary file renamed into place. Returns the node's role.
+pub fn write_node(
+    spec: &crate::spec::Spec,
+    project: &crate::layer::Project,
+    node: &str,
+    secrets_file: &Path,
+    mac: Option<String>,
+    user_data_only: bool,
+    out: &Path,
+) -> Result<String> {
+    let cluster = spec.cluster.as_ref().ok_or_else(|| {
+        crate::Error::invalid(
+            format!("{}: no [cluster] in this spec", spec.source),
+            "use a cluster spec such as image-specs/lab.toml",
+        )
+    })?;
+    let secrets = crate::secrets::load(secrets_file, &cluster.name)?;
+    let cfg = crate::cluster::node_config(spec, project, node, &secrets, mac)?;
+    let seed = nocloud(
+        &cfg,
+        &format!("ncimage-{}-{node}", cluster.name),
+        &cluster.admin_ssh_keys,
+    );
+    let dir = out
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new()
+        .prefix(".seed-")
+        .tempfile_in(dir)
+        .map_err(crate::Error::io("creating a file in", dir))?;
+    if user_data_only {
+        std::fs::write(tmp.path(), &seed.user_data)
+            .map_err(crate::Error::io("writing", tmp.path()))?;
+    } else {
+        seed.write_vfat(tmp.path())?;
+    }
+    tmp.persist(out)
+        .map_err(|e| crate::Error::io("writing", out)(e.error))?;
+    Ok(cfg.node.role)
+}
+
 impl Seed {
     /// Writes the seed as a FAT volume labelled `cidata` (mode 0600: it holds secrets).
     pub fn write_vfat(&self, path: &Path) -> Result<()> {
@@ -97,6 +140,7 @@ mod tests {
                 vars: Default::default(),
             },
             secrets: [("pw".to_string(), "s3cret".to_string())].into(),
+            cluster: serde_json::Value::Null,
         }
     }
 

@@ -30,6 +30,11 @@ pub struct Spec {
     pub luks: LuksSettings,
     #[serde(default)]
     pub roles: BTreeMap<String, RoleOverrides>,
+    /// The cluster this spec describes (cluster specs only; see cluster.rs).
+    #[serde(default)]
+    pub cluster: Option<crate::cluster::ClusterSettings>,
+    #[serde(default)]
+    pub nodes: Vec<crate::cluster::NodeSpec>,
     /// Where archives that roles declare come from (`[archives.<name>]`).
     #[serde(default)]
     pub archives: BTreeMap<String, ArchiveSource>,
@@ -242,6 +247,11 @@ impl Spec {
         spec.sha256 = hex::encode(Sha256::digest(text.as_bytes()));
         spec.source = path.to_string();
         spec.validate(path)?;
+        let line = |needle: &str| match text.find(needle) {
+            Some(at) => format!("{path}:{}: ", text[..at].lines().count().max(1)),
+            None => format!("{path}: "),
+        };
+        crate::cluster::validate(&spec, &line)?;
         Ok(spec)
     }
 

@@ -80,6 +80,7 @@ pub fn run(o: &Options) -> Result<Report> {
     let cfg = NodeConfig {
         node: test_node(&o.role, &merged),
         secrets: secrets.0.clone(),
+        cluster: serde_json::Value::Null,
     };
     let work = tempfile::Builder::new()
         .prefix("ncimage-test-")
@@ -460,6 +461,7 @@ mod tests {
             let cfg = NodeConfig {
                 node: test_node(&role, &merged),
                 secrets: Secrets::generate(&merged.secrets).unwrap().0,
+                cluster: serde_json::Value::Null,
             };
             let info = ImageInfo {
                 role: role.clone(),

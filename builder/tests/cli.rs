@@ -315,3 +315,155 @@ fn a_misspelt_archive_name_in_the_spec() {
     );
     no_artifacts(d.path());
 }
+
+fn lab_spec() -> String {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../image-specs/lab.toml").to_string()
+}
+
+#[test]
+fn secrets_init_is_private_and_never_overwrites() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let spec = lab_spec();
+    let out = ncimage(
+        &["secrets", "init", "--spec", &spec, "--out", "s/lab.toml"],
+        d.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let f = d.path().join("s/lab.toml");
+    assert_eq!(
+        std::fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let before = std::fs::read(&f).unwrap();
+    let again = ncimage(
+        &["secrets", "init", "--spec", &spec, "--out", "s/lab.toml"],
+        d.path(),
+    );
+    fails_with(&again, &["exists: refusing to overwrite"]);
+    assert_eq!(std::fs::read(&f).unwrap(), before);
+    // A seed needs the secrets file private.
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let seed = ncimage(
+        &[
+            "seed",
+            "--spec",
+            &spec,
+            "--secrets",
+            "s/lab.toml",
+            "--node",
+            "app-1",
+        ],
+        d.path(),
+    );
+    fails_with(&seed, &["readable by others", "chmod 600"]);
+}
+
+#[test]
+fn seeds_carry_the_node_and_only_its_roles_secrets() {
+    use base64::Engine;
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let spec = lab_spec();
+    assert!(ncimage(
+        &["secrets", "init", "--spec", &spec, "--out", "s.toml"],
+        d.path()
+    )
+    .status
+    .success());
+    let secrets: toml::Value =
+        toml::from_str(&std::fs::read_to_string(d.path().join("s.toml")).unwrap()).unwrap();
+    let value = |k: &str| secrets["secrets"][k].as_str().unwrap().to_string();
+    let out = ncimage(
+        &[
+            "seed",
+            "--spec",
+            &spec,
+            "--secrets",
+            "s.toml",
+            "--node",
+            "app-2",
+            "--format",
+            "user-data",
+            "--out",
+            "app-2.ud",
+        ],
+        d.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ud = std::fs::read_to_string(d.path().join("app-2.ud")).unwrap();
+    assert!(ud.starts_with("#cloud-config\n"));
+    let b64 = ud
+        .split("content: ")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap();
+    let node: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(node["node"]["name"], "app-2");
+    assert_eq!(node["node"]["vars"]["db_host"], "10.77.0.31");
+    assert_eq!(
+        node["secrets"]["redis_sessions_password"],
+        value("redis_sessions_password").as_str()
+    );
+    for other in ["db_replication_password", "vrrp_password", "backup_ssh_key"] {
+        assert!(node["secrets"].get(other).is_none(), "app seed has {other}");
+        assert!(
+            !ud.contains(&value(other)),
+            "app seed holds {other}'s value"
+        );
+    }
+    let out = ncimage(
+        &[
+            "seed",
+            "--spec",
+            &spec,
+            "--secrets",
+            "s.toml",
+            "--node",
+            "db-2",
+            "--mac",
+            "52:54:00:aa:bb:02",
+        ],
+        d.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let img = d.path().join("db-2.seed.img");
+    assert_eq!(
+        std::fs::metadata(&img).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    fails_with(
+        &ncimage(
+            &[
+                "seed",
+                "--spec",
+                &spec,
+                "--secrets",
+                "s.toml",
+                "--node",
+                "web-1",
+            ],
+            d.path(),
+        ),
+        &["no node named `web-1`", "app-1"],
+    );
+}
