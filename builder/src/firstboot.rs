@@ -264,6 +264,7 @@ mod tests {
                 group: "redis".into(),
                 mode: 0o640,
             }],
+            join: vec![],
             reload_after_firstboot: vec![],
             ncimage_version: "0".into(),
         };

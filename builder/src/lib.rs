@@ -12,6 +12,7 @@ pub mod fat;
 pub mod firstboot;
 pub mod fs;
 pub mod interrupt;
+pub mod join;
 pub mod layer;
 pub mod luks;
 pub mod overlay;

@@ -99,6 +99,16 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// In the guest: run this node's join steps (run by ncimage-join.service after first boot).
+    Join {
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
+    /// In the guest: one line saying whether this node has joined its cluster.
+    Status {
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
     /// In the guest: render this node's files from its seed (run by ncimage-firstboot.service).
     Firstboot {
         /// Root of the system to configure.
@@ -313,6 +323,18 @@ fn run(cli: Cli) -> ncimage::Result<()> {
             let role =
                 ncimage::seed::write_node(&spec, &project, &node, &secrets, mac, user_data, &out)?;
             println!("{}: seed of {node} ({role})", out.display());
+            Ok(())
+        }
+        Cmd::Join { root } => {
+            let s = ncimage::join::run(&firstboot::Paths::under(&root))?;
+            println!("{}", s.line());
+            if s.state == ncimage::join::State::Failed {
+                return Err(ncimage::Error::invalid(s.line(), "see `journalctl -u ncimage-join.service`; the steps run again at the next boot or with `systemctl restart ncimage-join.service`"));
+            }
+            Ok(())
+        }
+        Cmd::Status { root } => {
+            println!("{}", ncimage::join::status(&root)?.line());
             Ok(())
         }
         Cmd::Firstboot { root } => {

@@ -19,6 +19,7 @@ pub const IMAGE_JSON: &str = "etc/ncimage/image.json";
 pub const FIRSTBOOT_DIR: &str = "usr/share/ncimage/firstboot";
 pub const GUEST_BINARY: &str = "usr/local/sbin/ncimage";
 pub const FIRSTBOOT_UNIT: &str = "ncimage-firstboot.service";
+pub const JOIN_DIR: &str = "usr/share/ncimage/join";
 
 /// What first boot in the guest needs to know about the image (written to /etc/ncimage/image.json).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -30,6 +31,9 @@ pub struct ImageInfo {
     /// Names of the secrets this role receives in its seed.
     pub secrets: Vec<String>,
     pub firstboot: Vec<FirstbootFile>,
+    /// The join steps (absolute paths in the image), in order: shared overlays first.
+    #[serde(default)]
+    pub join: Vec<String>,
     pub reload_after_firstboot: Vec<String>,
     pub ncimage_version: String,
 }
@@ -79,7 +83,14 @@ pub fn apply(inp: &Inputs, out_dir: &Path) -> Result<Output> {
     // What the layers write, before reading the base: their paths replace the base's.
     let mut files: Vec<(String, Vec<u8>, Option<u32>)> = Vec::new(); // (path, data, mode from the file's exec bit)
     let mut firstboot = Vec::new();
+    let mut join = Vec::new();
     for l in inp.layers {
+        for (rel, src) in l.files("join")? {
+            let data = std::fs::read(&src).map_err(Error::io("reading", &src))?;
+            let path = format!("{JOIN_DIR}/{}/{rel}", l.name);
+            join.push(format!("/{path}"));
+            files.push((path, data, Some(0o755)));
+        }
         for (rel, src) in l.files("tree")? {
             let raw = std::fs::read(&src).map_err(Error::io("reading", &src))?;
             let exec = is_exec(&src);
@@ -132,6 +143,7 @@ pub fn apply(inp: &Inputs, out_dir: &Path) -> Result<Output> {
         firewall: inp.merged.firewall.clone(),
         secrets: inp.merged.secrets.iter().map(|s| s.name.clone()).collect(),
         firstboot,
+        join,
         reload_after_firstboot: inp.merged.reload_after_firstboot.clone(),
         ncimage_version: env!("CARGO_PKG_VERSION").to_string(),
     };

@@ -40,6 +40,7 @@ pub fn render(project: &Project, spec: &Spec, role: &str) -> Result<Vec<Rendered
         firewall: merged.firewall.clone(),
         secrets: merged.secrets.iter().map(|s| s.name.clone()).collect(),
         firstboot: vec![],
+        join: Vec::new(),
         reload_after_firstboot: vec![],
         ncimage_version: env!("CARGO_PKG_VERSION").into(),
     };

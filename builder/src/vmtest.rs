@@ -470,6 +470,7 @@ mod tests {
                 firewall: merged.firewall.clone(),
                 secrets: vec![],
                 firstboot: vec![],
+                join: Vec::new(),
                 reload_after_firstboot: vec![],
                 ncimage_version: String::new(),
             };
