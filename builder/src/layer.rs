@@ -81,6 +81,9 @@ pub struct SecretDecl {
     pub bytes: usize,
     #[serde(default)]
     pub kind: SecretKind,
+    /// For `ssh-public`: the ssh-ed25519 secret whose public half this is.
+    #[serde(default)]
+    pub of: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -92,8 +95,11 @@ pub enum SecretKind {
     /// A self-signed TLS certificate and its private key (P-256), one PEM, for labs and tests;
     /// production seeds carry the real certificate.
     TlsPem,
-    /// An OpenSSH ed25519 private key (its public half is derived where it is needed).
+    /// An OpenSSH ed25519 private key.
     SshEd25519,
+    /// The public half of another secret's ssh-ed25519 key (`of`): what a node that only
+    /// accepts that key receives (authorized_keys), never the private key.
+    SshPublic,
 }
 fn d_bytes() -> usize {
     24
@@ -575,6 +581,7 @@ mod tests {
             description: String::new(),
             bytes: 8,
             kind: SecretKind::Hex,
+            of: None,
         };
         let mk = |n: &str| Layer {
             name: n.into(),

@@ -36,6 +36,33 @@ fn ssh_key(name: &str) -> Result<String> {
     std::fs::read_to_string(&key).map_err(Error::io("reading", &key))
 }
 
+/// The OpenSSH public key of a private key (ssh-keygen -y in a private temporary folder).
+pub fn public_key(private: &str) -> Result<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let d = tempfile::Builder::new()
+        .prefix("ncimage-ssh-")
+        .tempdir()
+        .map_err(Error::io(
+            "creating a temporary folder",
+            std::env::temp_dir(),
+        ))?;
+    let key = d.path().join("key");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, private.as_bytes()))
+        .map_err(Error::io("writing", &key))?;
+    let out = crate::tools::run(
+        std::process::Command::new("ssh-keygen")
+            .arg("-y")
+            .arg("-f")
+            .arg(&key),
+    )?;
+    Ok(out.trim().to_string())
+}
+
 /// A self-signed certificate (P-256, 825 days) and its key in one PEM, made by openssl in a
 /// private temporary folder that is removed at once.
 fn self_signed_pem(name: &str) -> Result<String> {
@@ -90,7 +117,9 @@ impl Secrets {
     /// One random value per declared secret (hex of `bytes` random bytes).
     pub fn generate(decls: &[SecretDecl]) -> Result<Secrets> {
         let mut m = BTreeMap::new();
-        for d in decls {
+        let (public, private): (Vec<&SecretDecl>, Vec<&SecretDecl>) =
+            decls.iter().partition(|d| d.kind == SecretKind::SshPublic);
+        for d in private {
             let value = match d.kind {
                 SecretKind::Hex => {
                     let mut b = vec![0u8; d.bytes.max(16)];
@@ -100,8 +129,24 @@ impl Secrets {
                 }
                 SecretKind::TlsPem => self_signed_pem(&d.name)?,
                 SecretKind::SshEd25519 => ssh_key(&d.name)?,
+                SecretKind::SshPublic => unreachable!("partitioned"),
             };
             m.insert(d.name.clone(), value);
+        }
+        // Public halves of keys generated here; without the private key (a role tested
+        // alone), of a throw-away one.
+        for d in public {
+            let of = d.of.as_deref().ok_or_else(|| {
+                Error::invalid(
+                    format!("secret `{}` is ssh-public but names no key (`of`)", d.name),
+                    "set of = \"<name of the ssh-ed25519 secret>\"",
+                )
+            })?;
+            let private = match m.get(of) {
+                Some(k) => k.clone(),
+                None => ssh_key(of)?,
+            };
+            m.insert(d.name.clone(), public_key(&private)?);
         }
         Ok(Secrets(m))
     }
@@ -275,12 +320,14 @@ mod tests {
                 description: String::new(),
                 bytes: 32,
                 kind: SecretKind::Hex,
+                of: None,
             },
             SecretDecl {
                 name: "b".into(),
                 description: String::new(),
                 bytes: 4,
                 kind: SecretKind::Hex,
+                of: None,
             },
         ];
         let s = Secrets::generate(&decls).unwrap();
@@ -299,6 +346,7 @@ mod tests {
             description: String::new(),
             bytes: 0,
             kind: SecretKind::SshEd25519,
+            of: None,
         }];
         let key = &Secrets::generate(&decls).unwrap().0["k"];
         assert!(
@@ -327,6 +375,7 @@ mod tests {
             description: String::new(),
             bytes: 0,
             kind: SecretKind::TlsPem,
+            of: None,
         }];
         let s = Secrets::generate(&decls).unwrap();
         let pem = &s.0["tls"];
