@@ -13,6 +13,7 @@ pub mod firstboot;
 pub mod fs;
 pub mod interrupt;
 pub mod join;
+pub mod lab;
 pub mod layer;
 pub mod luks;
 pub mod overlay;

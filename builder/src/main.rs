@@ -73,6 +73,11 @@ enum Cmd {
     },
     /// List the roles (folders under roles/).
     Roles,
+    /// The whole cluster of a spec under QEMU on a private virtual network.
+    Lab {
+        #[command(subcommand)]
+        cmd: LabCmd,
+    },
     /// A cluster's secrets.
     Secrets {
         #[command(subcommand)]
@@ -127,6 +132,73 @@ enum SecretsCmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+}
+
+#[derive(clap::Args)]
+struct LabArgs {
+    /// Cluster spec (e.g. image-specs/lab.toml).
+    #[arg(long)]
+    spec: PathBuf,
+    /// The lab's folder; default: /var/tmp/ncimage-lab-<cluster>.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Boot every node with its seed and wait until each has joined.
+    Up {
+        #[command(flatten)]
+        lab: LabArgs,
+        /// Folder of the built images (<images>/<role>/ncimage-<role>.qcow2).
+        #[arg(long, default_value = "out")]
+        images: PathBuf,
+        /// Seconds to wait for every node to join.
+        #[arg(long, default_value_t = 2400)]
+        timeout: u64,
+        /// Leave the lab running when `up` fails, to look inside.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Every node's join status.
+    Status {
+        #[command(flatten)]
+        lab: LabArgs,
+    },
+    /// Stop every VM and remove everything the lab created.
+    Down {
+        #[command(flatten)]
+        lab: LabArgs,
+    },
+    /// (internal) Run the switch and the VMs until told to stop.
+    #[command(hide = true)]
+    Supervise {
+        #[command(flatten)]
+        lab: LabArgs,
+        #[arg(long)]
+        images: PathBuf,
+    },
+}
+
+impl LabArgs {
+    fn load(&self) -> ncimage::Result<(Spec, PathBuf)> {
+        let spec = Spec::load(Some(&self.spec))?;
+        let name = spec
+            .cluster
+            .as_ref()
+            .map(|c| c.name.clone())
+            .ok_or_else(|| {
+                ncimage::Error::invalid(
+                    format!("{}: no [cluster] in this spec", self.spec.display()),
+                    "use a cluster spec such as image-specs/lab.toml",
+                )
+            })?;
+        let dir = self
+            .dir
+            .clone()
+            .unwrap_or_else(|| ncimage::lab::default_dir(&name));
+        Ok((spec, dir))
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -280,6 +352,67 @@ fn run(cli: Cli) -> ncimage::Result<()> {
             }
             Ok(())
         }
+        Cmd::Lab { cmd } => match cmd {
+            LabCmd::Up {
+                lab,
+                images,
+                timeout,
+                keep,
+            } => {
+                let (spec, dir) = lab.load()?;
+                let project = Project::locate(cli.project.as_deref())?;
+                let spec_path = std::fs::canonicalize(&lab.spec)
+                    .map_err(ncimage::Error::io("resolving", &lab.spec))?;
+                let images = std::fs::canonicalize(&images).unwrap_or(images);
+                let t = std::time::Instant::now();
+                let state = ncimage::lab::up(
+                    &ncimage::lab::UpOptions {
+                        spec,
+                        spec_path,
+                        project,
+                        dir: dir.clone(),
+                        images,
+                        timeout: std::time::Duration::from_secs(timeout),
+                        keep_on_failure: keep,
+                    },
+                    &|m| eprintln!("{m}"),
+                )?;
+                println!(
+                    "lab up: healthy after {:.0} s ({})",
+                    t.elapsed().as_secs_f64(),
+                    dir.display()
+                );
+                for n in &state.nodes {
+                    println!(
+                        "  {:<12} {:<10} {:<15} QEMU RSS {:>5} MiB of {} MiB",
+                        n.name,
+                        n.role,
+                        n.address,
+                        ncimage::lab::rss_mib(n.qemu_pid).unwrap_or(0),
+                        n.memory_mib
+                    );
+                }
+                Ok(())
+            }
+            LabCmd::Status { lab } => {
+                let (_, dir) = lab.load()?;
+                let state = ncimage::lab::read_state(&dir)?;
+                for n in &state.nodes {
+                    println!("{}", ncimage::lab::node_status(n).1);
+                }
+                Ok(())
+            }
+            LabCmd::Down { lab } => {
+                let (_, dir) = lab.load()?;
+                ncimage::lab::down(&dir)?;
+                println!("lab down: {} removed", dir.display());
+                Ok(())
+            }
+            LabCmd::Supervise { lab, images } => {
+                let (spec, dir) = lab.load()?;
+                ncimage::lab::supervise(&ncimage::lab::SuperviseOptions { spec, dir, images })
+            }
+        },
         Cmd::Secrets {
             cmd: SecretsCmd::Init { spec, out },
         } => {

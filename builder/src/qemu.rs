@@ -64,6 +64,9 @@ pub struct VmConfig {
     pub forwards: Vec<(u16, u16)>,
     /// Direct kernel boot: (kernel, initrd, kernel command line). No secrets in the cmdline.
     pub kernel: Option<(PathBuf, PathBuf, String)>,
+    /// A second NIC on a virtual switch (`ncimage lab`): the switch's unix socket and this
+    /// NIC's MAC address. Frames go only to the other VMs on that switch.
+    pub lan: Option<(PathBuf, String)>,
 }
 
 impl VmConfig {
@@ -84,6 +87,7 @@ impl VmConfig {
             network: false,
             forwards: Vec::new(),
             kernel: None,
+            lan: None,
         }
     }
 }
@@ -233,6 +237,17 @@ pub fn qemu_args(cfg: &VmConfig, paths: &VmPaths, accel: Accel) -> Vec<String> {
         }
         let device = format!("virtio-net-pci,netdev=n0,romfile=,mac={TEST_MAC}");
         push(&["-netdev", &netdev, "-device", &device]);
+    }
+    if let Some((socket, mac)) = &cfg.lan {
+        push(&[
+            "-netdev",
+            &format!(
+                "stream,id=lan0,server=off,addr.type=unix,addr.path={}",
+                esc(socket)
+            ),
+            "-device",
+            &format!("virtio-net-pci,netdev=lan0,romfile=,mac={mac}"),
+        ]);
     }
     push(&[
         "-chardev",
@@ -1022,14 +1037,15 @@ fn reply(v: &Value) -> Option<QResult<Value>> {
 }
 
 /// The guest agent of one VM: connects lazily, resynchronises after any failure.
-struct Agent {
+/// A guest-agent client on a QEMU virtio-serial socket (usable without owning the VM: `ncimage lab`).
+pub struct Agent {
     name: String,
     path: PathBuf,
     conn: Mutex<Option<Conn>>,
 }
 
 impl Agent {
-    fn new(name: &str, path: &Path) -> Agent {
+    pub fn new(name: &str, path: &Path) -> Agent {
         Agent {
             name: name.to_string(),
             path: path.to_path_buf(),
@@ -1049,12 +1065,12 @@ impl Agent {
         r
     }
 
-    fn call(&self, command: &str, args: Value, timeout: Duration) -> Result<Value> {
+    pub fn call(&self, command: &str, args: Value, timeout: Duration) -> Result<Value> {
         self.raw_call(command, &args, timeout)
             .map_err(|e| Error::Vm(format!("guest agent of {}: {command}: {e}", self.name)))
     }
 
-    fn wait(&self, timeout: Duration, alive: &dyn Fn() -> Result<()>) -> Result<()> {
+    pub fn wait(&self, timeout: Duration, alive: &dyn Fn() -> Result<()>) -> Result<()> {
         let start = Instant::now();
         let deadline = start + timeout;
         let mut last = String::from("no answer yet");
@@ -1099,7 +1115,12 @@ impl Agent {
         }
     }
 
-    fn exec(&self, argv: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Result<ExecOutput> {
+    pub fn exec(
+        &self,
+        argv: &[&str],
+        stdin: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<ExecOutput> {
         let shown = argv.join(" ");
         let Some((path, args)) = argv.split_first() else {
             return Err(Error::Vm("exec: empty command".into()));
@@ -1182,7 +1203,7 @@ impl Agent {
         }
     }
 
-    fn read_file(&self, path: &str, timeout: Duration) -> Result<Vec<u8>> {
+    pub fn read_file(&self, path: &str, timeout: Duration) -> Result<Vec<u8>> {
         let deadline = Instant::now() + timeout;
         let left = || {
             deadline

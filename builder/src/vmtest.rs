@@ -122,6 +122,7 @@ pub fn run(o: &Options) -> Result<Report> {
         network: true,
         forwards: vec![(ssh_port, 22), (probe_port, PROBE_PORT)],
         kernel: None,
+        lan: None,
     })?;
     let deadline = start + o.timeout;
     let left = || deadline.saturating_duration_since(Instant::now());

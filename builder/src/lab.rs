@@ -1,0 +1,514 @@
+//! `ncimage lab`: the whole cluster of a spec booted together under QEMU on a private virtual
+//! network that exists only inside this process tree. Each VM has one NIC, a QEMU `stream`
+//! netdev on a unix socket, plugged into a learning switch run here; nothing reaches the host's
+//! network. Each node boots its role's image with its own seed (secrets generated for the lab).
+//!
+//! `lab up` writes the lab's folder (secrets, seeds, VM work folders), starts a supervisor
+//! process (`ncimage lab supervise`: the switch and every QEMU, which die with it) and waits
+//! until every node reports `joined` through its guest agent. `lab status` asks every node;
+//! `lab down` stops the supervisor and removes the folder, as does a failed or interrupted `up`.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::layer::Project;
+use crate::qemu::{Agent, Firmware, Vm, VmConfig};
+use crate::spec::Spec;
+
+/// What the supervisor started (the lab folder's state.json).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct State {
+    pub cluster: String,
+    pub supervisor_pid: u32,
+    pub started: u64,
+    pub nodes: Vec<NodeState>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeState {
+    pub name: String,
+    pub role: String,
+    pub address: String,
+    pub mac: String,
+    pub memory_mib: u32,
+    pub qemu_pid: u32,
+    pub qga: PathBuf,
+    pub serial_log: PathBuf,
+}
+
+/// The lab's folder: short, because QEMU's socket paths must fit in 107 bytes.
+pub fn default_dir(cluster: &str) -> PathBuf {
+    PathBuf::from(format!("/var/tmp/ncimage-lab-{cluster}"))
+}
+
+/// A stable, locally administered MAC per node (index in the spec).
+pub fn mac_of(index: usize) -> String {
+    format!(
+        "52:54:00:4c:{:02x}:{:02x}",
+        (index >> 8) & 0xff,
+        index & 0xff
+    )
+}
+
+fn image_of(images: &Path, role: &str) -> PathBuf {
+    images.join(role).join(format!("ncimage-{role}.qcow2"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The switch
+
+/// A learning Ethernet switch over QEMU `stream` netdevs (each frame: 4-byte big-endian length,
+/// then the frame). Unknown and broadcast destinations are flooded to every other port.
+pub fn run_switch(listener: UnixListener) {
+    type Ports = Arc<Mutex<HashMap<usize, UnixStream>>>;
+    let ports: Ports = Arc::new(Mutex::new(HashMap::new()));
+    let macs: Arc<Mutex<HashMap<[u8; 6], usize>>> = Arc::new(Mutex::new(HashMap::new()));
+    for (id, conn) in listener.incoming().flatten().enumerate() {
+        let Ok(writer) = conn.try_clone() else {
+            continue;
+        };
+        ports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, writer);
+        let (ports, macs) = (ports.clone(), macs.clone());
+        std::thread::spawn(move || {
+            let mut conn = conn;
+            let mut len = [0u8; 4];
+            let mut frame = vec![0u8; 65536 + 4];
+            loop {
+                if conn.read_exact(&mut len).is_err() {
+                    break;
+                }
+                let n = u32::from_be_bytes(len) as usize;
+                if n > 65536 || conn.read_exact(&mut frame[4..4 + n]).is_err() {
+                    break;
+                }
+                frame[..4].copy_from_slice(&len);
+                let data = &frame[..4 + n];
+                if n < 14 {
+                    continue;
+                }
+                let dst: [u8; 6] = data[4..10].try_into().expect("6 bytes");
+                let src: [u8; 6] = data[10..16].try_into().expect("6 bytes");
+                let target = {
+                    let mut m = macs.lock().unwrap_or_else(|e| e.into_inner());
+                    m.insert(src, id);
+                    if dst[0] & 1 == 0 {
+                        m.get(&dst).copied()
+                    } else {
+                        None
+                    }
+                };
+                let mut p = ports.lock().unwrap_or_else(|e| e.into_inner());
+                let mut dead = Vec::new();
+                for (pid, w) in p.iter_mut() {
+                    if *pid == id || target.is_some_and(|t| t != *pid) {
+                        continue;
+                    }
+                    if w.write_all(data).is_err() {
+                        dead.push(*pid);
+                    }
+                }
+                for d in dead {
+                    p.remove(&d);
+                }
+            }
+            ports.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The supervisor (a process of its own, so the lab outlives `lab up`)
+
+pub struct SuperviseOptions {
+    pub spec: Spec,
+    pub dir: PathBuf,
+    pub images: PathBuf,
+}
+
+/// Starts the switch and every VM, writes state.json, then waits for SIGTERM/SIGINT; dropping
+/// the VMs kills them.
+pub fn supervise(o: &SuperviseOptions) -> Result<()> {
+    let cluster = o.spec.cluster.as_ref().expect("checked by lab up");
+    let sock = o.dir.join("switch.sock");
+    let _ = std::fs::remove_file(&sock);
+    let listener = UnixListener::bind(&sock).map_err(Error::io("listening on", &sock))?;
+    std::thread::spawn(move || run_switch(listener));
+    let mut vms = Vec::new();
+    let mut nodes = Vec::new();
+    for (i, n) in o.spec.nodes.iter().enumerate() {
+        let mac = mac_of(i + 1);
+        let memory = n.memory_mib.unwrap_or(1024);
+        let work = o.dir.join("vms").join(&n.name);
+        let vm = Vm::start(VmConfig {
+            name: n.name.clone(),
+            disk: image_of(&o.images, &n.role),
+            extra_disks: vec![o.dir.join("seeds").join(format!("{}.img", n.name))],
+            firmware: Firmware::Uefi,
+            memory_mib: memory,
+            cpus: 1,
+            workdir: work,
+            network: false,
+            forwards: Vec::new(),
+            kernel: None,
+            lan: Some((sock.clone(), mac.clone())),
+        })?;
+        nodes.push(NodeState {
+            name: n.name.clone(),
+            role: n.role.clone(),
+            address: n.address.clone(),
+            mac,
+            memory_mib: memory,
+            qemu_pid: vm.pid(),
+            qga: vm.paths().qga_socket.clone(),
+            serial_log: vm.serial_log().to_path_buf(),
+        });
+        vms.push(vm);
+    }
+    let state = State {
+        cluster: cluster.name.clone(),
+        supervisor_pid: std::process::id(),
+        started: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        nodes,
+    };
+    let p = o.dir.join("state.json");
+    std::fs::write(&p, serde_json::to_vec_pretty(&state).expect("serialisable"))
+        .map_err(Error::io("writing", &p))?;
+    while crate::interrupt::check().is_ok() {
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    drop(vms);
+    let _ = std::fs::remove_file(&sock);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// up / status / down
+
+pub struct UpOptions {
+    pub spec: Spec,
+    pub spec_path: PathBuf,
+    pub project: Project,
+    pub dir: PathBuf,
+    pub images: PathBuf,
+    pub timeout: Duration,
+    /// Keep the lab when `up` fails (to look inside).
+    pub keep_on_failure: bool,
+}
+
+pub fn read_state(dir: &Path) -> Result<State> {
+    let p = dir.join("state.json");
+    let text = std::fs::read_to_string(&p).map_err(|e| {
+        Error::invalid(
+            format!("no lab at {} ({e})", dir.display()),
+            "start one with `ncimage lab up --spec S`",
+        )
+    })?;
+    serde_json::from_str(&text)
+        .map_err(|e| Error::invalid(format!("{}: {e}", p.display()), "run `ncimage lab down`"))
+}
+
+fn alive(pid: u32) -> bool {
+    unsafe { libc::kill(pid as i32, 0) == 0 }
+}
+
+/// One node's status line, from `ncimage status` in the guest (or why there is none).
+pub fn node_status(n: &NodeState) -> (bool, String) {
+    if !alive(n.qemu_pid) {
+        return (
+            false,
+            format!(
+                "{}: QEMU is not running (serial log: {})",
+                n.name,
+                n.serial_log.display()
+            ),
+        );
+    }
+    let agent = Agent::new(&n.name, &n.qga);
+    match agent.exec(
+        &["/usr/local/sbin/ncimage", "status"],
+        None,
+        Duration::from_secs(20),
+    ) {
+        Ok(o) if o.code == 0 => {
+            let line = o.stdout.trim().to_string();
+            (line.contains(": joined in"), line)
+        }
+        Ok(o) => (
+            false,
+            format!(
+                "{}: {}",
+                n.name,
+                o.stderr
+                    .lines()
+                    .find(|l| l.contains('×') || l.contains("no join"))
+                    .unwrap_or("booting")
+                    .trim()
+            ),
+        ),
+        Err(_) => (false, format!("{}: booting (no guest agent yet)", n.name)),
+    }
+}
+
+/// Runs `argv` in a node through its guest agent.
+pub fn exec(n: &NodeState, script: &str, timeout: Duration) -> Result<crate::qemu::ExecOutput> {
+    Agent::new(&n.name, &n.qga).exec(&["/bin/bash", "-c", script], None, timeout)
+}
+
+/// Memory the node's QEMU process holds on the host (VmRSS), MiB.
+pub fn rss_mib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = s
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024)
+}
+
+pub fn up(o: &UpOptions, say: &dyn Fn(&str)) -> Result<State> {
+    crate::cluster::check_roles(&o.spec, &o.project)?;
+    let cluster = o.spec.cluster.as_ref().expect("checked");
+    if o.dir.join("state.json").exists() {
+        if let Ok(s) = read_state(&o.dir) {
+            if alive(s.supervisor_pid) {
+                return Err(Error::invalid(
+                    format!("a lab of `{}` is up in {}", s.cluster, o.dir.display()),
+                    "`ncimage lab down` first, or use `ncimage lab status`",
+                ));
+            }
+        }
+    }
+    let mut missing = Vec::new();
+    for n in &o.spec.nodes {
+        let img = image_of(&o.images, &n.role);
+        if !img.is_file() && !missing.contains(&n.role) {
+            missing.push(n.role.clone());
+        }
+    }
+    if !missing.is_empty() {
+        return Err(Error::invalid(
+            format!("no image for role(s) {} under {}", missing.join(", "), o.images.display()),
+            "build them first: `ncimage build --all` (app and collabora from a spec with their archives, e.g. `just fixtures`)",
+        ));
+    }
+    let _ = std::fs::remove_dir_all(&o.dir);
+    std::fs::create_dir_all(o.dir.join("seeds")).map_err(Error::io("creating", &o.dir))?;
+    let r = up_inner(o, cluster, say);
+    if r.is_err() && !o.keep_on_failure {
+        let _ = down(&o.dir);
+    }
+    r
+}
+
+fn up_inner(
+    o: &UpOptions,
+    cluster: &crate::cluster::ClusterSettings,
+    say: &dyn Fn(&str),
+) -> Result<State> {
+    let t = Instant::now();
+    let secrets_file = o.dir.join("secrets.toml");
+    crate::secrets::init(&o.spec, &o.project, &secrets_file)?;
+    for (i, n) in o.spec.nodes.iter().enumerate() {
+        crate::seed::write_node(
+            &o.spec,
+            &o.project,
+            &n.name,
+            &secrets_file,
+            Some(mac_of(i + 1)),
+            false,
+            &o.dir.join("seeds").join(format!("{}.img", n.name)),
+        )?;
+    }
+    say(&format!(
+        "lab {}: {} nodes, seeds written; starting the switch and the VMs",
+        cluster.name,
+        o.spec.nodes.len()
+    ));
+    let log = o.dir.join("supervisor.log");
+    let logf = std::fs::File::create(&log).map_err(Error::io("creating", &log))?;
+    let exe = std::env::current_exe().map_err(Error::io("locating", "ncimage"))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["lab", "supervise", "--dir"])
+        .arg(&o.dir)
+        .arg("--spec")
+        .arg(&o.spec_path)
+        .arg("--images")
+        .arg(&o.images)
+        .stdin(std::process::Stdio::null())
+        .stdout(logf.try_clone().map_err(Error::io("opening", &log))?)
+        .stderr(logf);
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(Error::io("starting", "ncimage lab supervise"))?;
+    // The supervisor writes state.json once every QEMU runs.
+    let state = loop {
+        crate::interrupt::check()?;
+        if let Ok(s) = read_state(&o.dir) {
+            break s;
+        }
+        if !alive(child.id()) {
+            return Err(Error::Vm(format!(
+                "the lab's supervisor stopped: {}",
+                std::fs::read_to_string(&log).unwrap_or_default().trim()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    say(&format!(
+        "{} VMs running after {:.0} s; waiting for every node to join",
+        state.nodes.len(),
+        t.elapsed().as_secs_f64()
+    ));
+    let mut last: HashMap<String, String> = HashMap::new();
+    loop {
+        crate::interrupt::check()?;
+        let mut all = true;
+        for n in &state.nodes {
+            let (joined, line) = node_status(n);
+            all &= joined;
+            if last.get(&n.name) != Some(&line) {
+                say(&format!("{:>6.0} s  {line}", t.elapsed().as_secs_f64()));
+                if line.contains("join failed") || line.contains("QEMU is not running") {
+                    return Err(Error::Vm(format!("lab {}: {line}", cluster.name)));
+                }
+                last.insert(n.name.clone(), line);
+            }
+        }
+        if all {
+            say(&format!(
+                "lab {}: every node joined after {:.0} s",
+                cluster.name,
+                t.elapsed().as_secs_f64()
+            ));
+            return Ok(state);
+        }
+        if t.elapsed() > o.timeout {
+            return Err(Error::Vm(format!(
+                "lab {}: not every node joined within {} s (see `ncimage lab status`, serial logs under {})",
+                cluster.name,
+                o.timeout.as_secs(),
+                o.dir.join("vms").display()
+            )));
+        }
+        std::thread::sleep(Duration::from_secs(5));
+    }
+}
+
+/// Stops the supervisor (and with it every VM and the switch) and removes the lab's folder.
+pub fn down(dir: &Path) -> Result<()> {
+    if let Ok(s) = read_state(dir) {
+        let pids: Vec<u32> = std::iter::once(s.supervisor_pid)
+            .chain(s.nodes.iter().map(|n| n.qemu_pid))
+            .collect();
+        unsafe { libc::kill(s.supervisor_pid as i32, libc::SIGTERM) };
+        let t = Instant::now();
+        while pids.iter().any(|p| alive(*p)) && t.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        for p in pids.iter().filter(|p| alive(**p)) {
+            unsafe { libc::kill(*p as i32, libc::SIGKILL) };
+        }
+    } else {
+        // A supervisor that never wrote its state: find it by its folder argument.
+        let me = dir.to_string_lossy().to_string();
+        if let Ok(rd) = std::fs::read_dir("/proc") {
+            for e in rd.flatten() {
+                let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                    continue;
+                };
+                let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+                let args: Vec<String> = cmdline
+                    .split(|b| *b == 0)
+                    .map(|a| String::from_utf8_lossy(a).to_string())
+                    .collect();
+                if args.iter().any(|a| a == "supervise") && args.contains(&me) {
+                    unsafe { libc::kill(pid, libc::SIGTERM) };
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(Error::io("removing", dir))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(dst: [u8; 6], src: [u8; 6], body: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(&dst);
+        f.extend_from_slice(&src);
+        f.extend_from_slice(&[0x08, 0x00]);
+        f.extend_from_slice(body);
+        let mut out = (f.len() as u32).to_be_bytes().to_vec();
+        out.extend(f);
+        out
+    }
+
+    fn read_frame(s: &mut UnixStream) -> Vec<u8> {
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).unwrap();
+        let mut f = vec![0u8; u32::from_be_bytes(len) as usize];
+        s.read_exact(&mut f).unwrap();
+        f
+    }
+
+    #[test]
+    fn the_switch_floods_then_learns() {
+        let d = tempfile::tempdir().unwrap();
+        let sock = d.path().join("s.sock");
+        let l = UnixListener::bind(&sock).unwrap();
+        std::thread::spawn(move || run_switch(l));
+        let mut a = UnixStream::connect(&sock).unwrap();
+        let mut b = UnixStream::connect(&sock).unwrap();
+        let mut c = UnixStream::connect(&sock).unwrap();
+        for s in [&a, &b, &c] {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let (ma, mb) = ([2, 0, 0, 0, 0, 0xa], [2, 0, 0, 0, 0, 0xb]);
+        // Broadcast from a reaches b and c.
+        a.write_all(&frame([0xff; 6], ma, b"hello")).unwrap();
+        assert!(read_frame(&mut b).ends_with(b"hello"));
+        assert!(read_frame(&mut c).ends_with(b"hello"));
+        // b answers a by unicast: only a gets it (the switch learnt a's MAC).
+        b.write_all(&frame(ma, mb, b"to-a")).unwrap();
+        assert!(read_frame(&mut a).ends_with(b"to-a"));
+        c.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut buf = [0u8; 1];
+        assert!(c.read(&mut buf).is_err(), "c saw a unicast frame for a");
+    }
+
+    #[test]
+    fn macs_are_stable_and_local() {
+        assert_eq!(mac_of(1), "52:54:00:4c:00:01");
+        assert_eq!(mac_of(300), "52:54:00:4c:01:2c");
+    }
+}
