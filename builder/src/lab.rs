@@ -512,3 +512,134 @@ mod tests {
         assert_eq!(mac_of(300), "52:54:00:4c:01:2c");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// lab test: cluster-level checks (data: qemu-tests/lab/checks.toml)
+
+/// One cluster-level check: a script run on one node (Tera over `cluster` and `saved`), its
+/// expected output, retried until it passes or `retry_for` seconds are over; `save` keeps its
+/// trimmed stdout for later checks (`saved.<name>`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabCheck {
+    pub name: String,
+    /// Node name.
+    pub on: String,
+    pub run: String,
+    #[serde(default)]
+    pub exit: i32,
+    pub stdout: Option<String>,
+    #[serde(default)]
+    pub contains: Vec<String>,
+    #[serde(default)]
+    pub not_contains: Vec<String>,
+    #[serde(default = "d_timeout")]
+    pub timeout: u64,
+    #[serde(default)]
+    pub retry_for: u64,
+    pub save: Option<String>,
+}
+fn d_timeout() -> u64 {
+    120
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LabChecks {
+    check: Vec<LabCheck>,
+}
+
+pub fn load_checks(path: &Path) -> Result<Vec<LabCheck>> {
+    let text = std::fs::read_to_string(path).map_err(Error::io("reading", path))?;
+    let f: LabChecks = toml::from_str(&text).map_err(|e| {
+        Error::toml(
+            &path.display().to_string(),
+            &text,
+            &e,
+            "each [[check]] has name, on, run and what to expect",
+        )
+    })?;
+    Ok(f.check)
+}
+
+/// Runs the checks in order; returns (passed, failed). Output is redacted with the lab's
+/// secrets before it is printed.
+pub fn test(
+    dir: &Path,
+    spec: &Spec,
+    checks: &[LabCheck],
+    say: &dyn Fn(&str),
+) -> Result<(usize, usize)> {
+    let state = read_state(dir)?;
+    let cluster = spec
+        .cluster
+        .as_ref()
+        .map(|c| c.name.clone())
+        .unwrap_or_default();
+    let secrets =
+        crate::secrets::Secrets(crate::secrets::load(&dir.join("secrets.toml"), &cluster)?);
+    let mut saved = serde_json::Map::new();
+    let (mut passed, mut failed) = (0, 0);
+    for c in checks {
+        crate::interrupt::check()?;
+        let node = state.nodes.iter().find(|n| n.name == c.on).ok_or_else(|| {
+            Error::invalid(
+                format!(
+                    "check `{}` runs on `{}`, which is not in the lab",
+                    c.name, c.on
+                ),
+                "use a node name of the spec",
+            )
+        })?;
+        let ctx = serde_json::json!({ "cluster": crate::cluster::topology(spec), "saved": saved });
+        let script = crate::template::render(&c.name, &c.run, &ctx)?;
+        let as_check = crate::layer::Check {
+            name: c.name.clone(),
+            run: c.run.clone(),
+            exit: c.exit,
+            stdout: c.stdout.clone(),
+            contains: c.contains.clone(),
+            not_contains: c.not_contains.clone(),
+            timeout: c.timeout,
+        };
+        let t = Instant::now();
+        let verdict = loop {
+            let v = match exec(node, &script, Duration::from_secs(c.timeout)) {
+                Ok(o) => crate::vmtest::judge(&as_check, &ctx, o.code, &o.stdout, &o.stderr)?
+                    .map(Err)
+                    .unwrap_or(Ok(o.stdout.trim().to_string())),
+                Err(e) => Err(e.to_string()),
+            };
+            if v.is_ok() || t.elapsed().as_secs() >= c.retry_for {
+                break v;
+            }
+            crate::interrupt::check()?;
+            std::thread::sleep(Duration::from_secs(3));
+        };
+        match verdict {
+            Ok(out) => {
+                passed += 1;
+                say(&format!(
+                    "ok   {} / {} ({:.0} s)",
+                    c.on,
+                    c.name,
+                    t.elapsed().as_secs_f64()
+                ));
+                if let Some(k) = &c.save {
+                    saved.insert(k.clone(), serde_json::Value::String(out));
+                }
+            }
+            Err(why) => {
+                failed += 1;
+                say(&format!(
+                    "FAIL {} / {}\n     {}",
+                    c.on,
+                    c.name,
+                    secrets.redact(&why)
+                ));
+            }
+        }
+    }
+    say(&format!("{passed} passed, {failed} failed"));
+    Ok((passed, failed))
+}

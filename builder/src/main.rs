@@ -165,6 +165,13 @@ enum LabCmd {
         #[command(flatten)]
         lab: LabArgs,
     },
+    /// Assert the cluster works as one (qemu-tests/lab/checks.toml by default).
+    Test {
+        #[command(flatten)]
+        lab: LabArgs,
+        #[arg(long, default_value = "qemu-tests/lab/checks.toml")]
+        checks: PathBuf,
+    },
     /// Stop every VM and remove everything the lab created.
     Down {
         #[command(flatten)]
@@ -399,6 +406,20 @@ fn run(cli: Cli) -> ncimage::Result<()> {
                 let state = ncimage::lab::read_state(&dir)?;
                 for n in &state.nodes {
                     println!("{}", ncimage::lab::node_status(n).1);
+                }
+                Ok(())
+            }
+            LabCmd::Test { lab, checks } => {
+                let (spec, dir) = lab.load()?;
+                let checks = ncimage::lab::load_checks(&checks)?;
+                let (passed, failed) =
+                    ncimage::lab::test(&dir, &spec, &checks, &|m| println!("{m}"))?;
+                if failed > 0 {
+                    return Err(ncimage::Error::Checks {
+                        failed,
+                        total: passed + failed,
+                        log: dir.join("vms").display().to_string(),
+                    });
                 }
                 Ok(())
             }

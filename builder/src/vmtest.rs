@@ -348,7 +348,7 @@ fn firewall_traffic(vm: &Vm, info: &ImageInfo, ssh_port: u16, probe_port: u16) -
 }
 
 /// None when the check passes, else why it failed.
-fn judge(
+pub(crate) fn judge(
     c: &layer::Check,
     ctx: &serde_json::Value,
     code: i32,
