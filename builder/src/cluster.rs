@@ -89,6 +89,12 @@ pub struct Mail {
     pub user: Option<String>,
     pub from: String,
     pub to: String,
+    /// STARTTLS to the relay (off only for a lab's mail sink).
+    #[serde(default = "d_true")]
+    pub tls: bool,
+}
+fn d_true() -> bool {
+    true
 }
 fn d_port() -> u16 {
     587
