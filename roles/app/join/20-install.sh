@@ -62,7 +62,7 @@ installed() {
     local out state
     out=$(occ status --output=json 2>&1) || die "occ status fails: $(tail -n1 <<<"$out")"
     # Only the JSON line: occ may print warnings before it.
-    state=$(jq -Rrn '[inputs | fromjson? | objects | select(has("installed"))] | last | .installed // "none"' <<<"$out")
+    state=$(jq -Rrn '[inputs | fromjson? | objects | select(has("installed"))] | last | if . == null then "none" else .installed end' <<<"$out")
     case $state in
         true) return 0 ;;
         false) return 1 ;;
@@ -90,7 +90,7 @@ install_nextcloud() {
     [ "$db_port" = 3306 ] || host=$db_host:$db_port
     secret db_nextcloud_password >/dev/null || die "the seed has no secret db_nextcloud_password"
     secret nextcloud_admin_password >/dev/null ||
-        die "the seed has no secret nextcloud_admin_password (seeds made before the app role declared it: run secrets init again)"
+        die "the seed has no secret nextcloud_admin_password: the cluster's secrets file predates it; add it and write the seeds again"
     log "installing Nextcloud: occ maintenance:install (database nextcloud at $host, user admin, data in $data)"
     out=$(jq -c --arg host "$host" --arg data "$data" '[
             "--database=mysql", "--database-name=nextcloud", "--database-host=\($host)",

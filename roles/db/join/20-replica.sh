@@ -13,12 +13,17 @@
 # tables without reloading them (new users absent until a restart) and drop and recreate
 # mysql.gtid_slave_pos under a running server. --system=users instead writes the accounts as
 # CREATE USER IF NOT EXISTS + GRANT statements: the primary's users (nextcloud, repl, backup) work
-# at once, and root@localhost keeps its unix_socket login (the statements repeat the same
-# definition, Debian's "invalid password OR unix_socket"). Users made later arrive by replication.
-# Seeded already: make sure both threads run (START SLAVE, the seed's password); a no-op when they
-# do. Then wait for Slave_IO_Running and Slave_SQL_Running = Yes, or fail with the last error.
+# at once. The node-local accounts (root, mysql, mariadb.sys @localhost) are filtered out of them:
+# this server keeps its own, so root@localhost keeps its unix_socket login exactly as installed.
+# Users made later (and any later change to an account) arrive by replication.
+# Seeded already: a no-op when both threads run; else wait (up to 900 s) for the primary and
+# restart replication with the seed's password. Then wait (up to 120 s) for Slave_IO_Running and
+# Slave_SQL_Running = Yes, or fail with the last IO/SQL error.
 #
-# A replica whose read_only is OFF was promoted (ncimage-db-promote): it is left alone.
+# A replica whose read_only is OFF was promoted (ncimage-db-promote): it is left alone. An
+# unseeded replica whose binlog holds GTIDs of its own (root wrote without sql_log_bin=0) drops
+# them (RESET MASTER) before seeding; one holding another server's GTIDs but naming no primary
+# (RESET SLAVE ALL by hand) fails: point it at the primary by hand.
 # Passwords reach the tools in a 0600 option file and on stdin, never in argv or output.
 #
 # Environment, for tests (the image uses the defaults): DB_SOCKET (/run/mysqld/mysqld.sock), the
@@ -42,7 +47,7 @@ lit() {
 }
 # status FIELD: a field of SHOW SLAVE STATUS (empty when no replication is configured).
 status() { sed -n "s/^ *$1: //p" <<<"$slave_status"; }
-read_status() { slave_status=$(sql -e 'SHOW SLAVE STATUS\G'); }
+read_status() { slave_status=$(mariadb --socket="$DB_SOCKET" -e 'SHOW SLAVE STATUS\G'); }
 
 wait_for 300 "the local MariaDB (socket $DB_SOCKET)" sql -e 'SELECT 1'
 
@@ -85,32 +90,47 @@ SQL
 
 if [ -z "$master" ]; then
     log "db: not seeded yet: waiting (up to 900 s) for the primary $primary:$DB_PORT and the repl login"
-    start=$SECONDS
-    until err=$(repl mariadb -N -B -e 'SELECT 1' 2>&1 >/dev/null); do
-        if (( SECONDS - start >= 900 )); then
-            die "db: waited 900 s for the repl login on the primary $primary:$DB_PORT: ${err##*$'\n'}"
-        fi
-        sleep 5
-    done
-    # This server's own binlog must hold nothing (it is read-only and unseeded; root writes
-    # without sql_log_bin=0 would be its own GTIDs, which strict mode puts before the primary's).
+else
+    log "db: replication from $primary:$DB_PORT is configured but not running ($(status Slave_IO_Running)/$(status Slave_SQL_Running)): waiting (up to 900 s) for the primary and the repl login"
+fi
+start=$SECONDS
+until err=$(repl mariadb -N -B -e 'SELECT 1' 2>&1 >/dev/null); do
+    if (( SECONDS - start >= 900 )); then
+        die "db: waited 900 s for the repl login on the primary $primary:$DB_PORT: ${err##*$'\n'}"
+    fi
+    sleep 5
+done
+
+if [ -z "$master" ]; then
+    # An unseeded replica's binlog holds nothing, or only its own GTIDs (root wrote without
+    # sql_log_bin=0): those would clash with the primary's in strict mode, and the seed replaces
+    # the data they wrote, so they go. GTIDs of another server mean it did replicate: no guessing.
     own=$(sql -e 'SELECT @@gtid_binlog_pos')
     if [ -n "$own" ]; then
-        log "db: dropping this unseeded replica's own binlog (GTIDs $own)"
+        id=$(sql -e 'SELECT @@server_id')
+        if tr ',' '\n' <<<"$own" | grep -vqE "^[0-9]+-$id-[0-9]+\$"; then
+            die "db: no primary is configured but the binlog holds replicated GTIDs ($own): point this replica at $primary by hand (CHANGE MASTER TO ... MASTER_USE_GTID = slave_pos)"
+        fi
+        log "db: dropping this unseeded replica's own binlog (its GTIDs $own)"
         sql <<<"RESET MASTER;"
     fi
     log "db: seeding from a dump of $primary:$DB_PORT"
+    # The statements of --system=users about the node-local accounts (root, mysql, mariadb.sys
+    # @localhost), which this server has from its own installation, are left out of the seed.
+    q="[\`']"
+    local_accounts="^(CREATE USER IF NOT EXISTS |GRANT .* TO |/\\*M!100005 SET DEFAULT ROLE NONE FOR |/\\*!80001 ALTER USER )$q[^\`']*$q@${q}localhost$q"
     t=$SECONDS
+    sql <<<"STOP SLAVE;"  # the dump's CHANGE MASTER needs a stopped replica
     if ! repl mariadb-dump --all-databases --ignore-database=mysql --system=users --insert-ignore \
         --single-transaction --gtid --master-data=1 --routines --events --triggers 2>"$work/dump.err" |
-        sql --init-command='SET SESSION sql_log_bin = 0' 2>"$work/import.err"; then
+        grep -vE "$local_accounts" | sql --init-command='SET SESSION sql_log_bin = 0' 2>"$work/import.err"; then
         die "db: seeding from $primary failed: $(cat "$work/dump.err" "$work/import.err" | grep -v '^$' | tail -n1)"
     fi
     seeded=$(sql -e 'SELECT @@gtid_slave_pos')
     [ -n "$seeded" ] || die "db: the dump of $primary set no GTID position (was it taken with --gtid --master-data?)"
     log "db: seeded in $((SECONDS - t)) s at GTID $seeded; starting replication"
 else
-    log "db: replication from $primary:$DB_PORT is configured but not running ($(status Slave_IO_Running)/$(status Slave_SQL_Running)): restarting it"
+    log "db: restarting replication (the seed's password and primary)"
 fi
 change_master
 
