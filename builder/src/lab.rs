@@ -133,6 +133,9 @@ pub struct SuperviseOptions {
     pub spec: Spec,
     pub dir: PathBuf,
     pub images: PathBuf,
+    /// Pause between two VM starts: a host with few cores boots them faster one after the
+    /// other than all at once (firmware, kernel and the LUKS key derivation are CPU-bound).
+    pub stagger: Duration,
 }
 
 /// Starts the switch and every VM, writes state.json, then waits for SIGTERM/SIGINT; dropping
@@ -146,6 +149,13 @@ pub fn supervise(o: &SuperviseOptions) -> Result<()> {
     let mut vms = Vec::new();
     let mut nodes = Vec::new();
     for (i, n) in o.spec.nodes.iter().enumerate() {
+        if i > 0 {
+            let t = Instant::now();
+            while t.elapsed() < o.stagger && crate::interrupt::check().is_ok() {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            crate::interrupt::check()?;
+        }
         let mac = mac_of(i + 1);
         let memory = n.memory_mib.unwrap_or(1024);
         let work = o.dir.join("vms").join(&n.name);
@@ -173,25 +183,34 @@ pub fn supervise(o: &SuperviseOptions) -> Result<()> {
             serial_log: vm.serial_log().to_path_buf(),
         });
         vms.push(vm);
+        write_state(&o.dir, &cluster.name, &nodes)?;
     }
-    let state = State {
-        cluster: cluster.name.clone(),
-        supervisor_pid: std::process::id(),
-        started: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        nodes,
-    };
-    let p = o.dir.join("state.json");
-    std::fs::write(&p, serde_json::to_vec_pretty(&state).expect("serialisable"))
-        .map_err(Error::io("writing", &p))?;
     while crate::interrupt::check().is_ok() {
         std::thread::sleep(Duration::from_millis(300));
     }
     drop(vms);
     let _ = std::fs::remove_file(&sock);
     Ok(())
+}
+
+fn write_state(dir: &Path, cluster: &str, nodes: &[NodeState]) -> Result<()> {
+    let state = State {
+        cluster: cluster.to_string(),
+        supervisor_pid: std::process::id(),
+        started: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        nodes: nodes.to_vec(),
+    };
+    let p = dir.join("state.json");
+    let tmp = dir.join("state.json.tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(&state).expect("serialisable"),
+    )
+    .map_err(Error::io("writing", &tmp))?;
+    std::fs::rename(&tmp, &p).map_err(Error::io("writing", &p))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -204,6 +223,7 @@ pub struct UpOptions {
     pub dir: PathBuf,
     pub images: PathBuf,
     pub timeout: Duration,
+    pub stagger: Duration,
     /// Keep the lab when `up` fails (to look inside).
     pub keep_on_failure: bool,
 }
@@ -237,6 +257,12 @@ pub fn node_status(n: &NodeState) -> (bool, String) {
         );
     }
     let agent = Agent::new(&n.name, &n.qga);
+    if agent
+        .call("guest-ping", serde_json::json!({}), Duration::from_secs(3))
+        .is_err()
+    {
+        return (false, format!("{}: booting (no guest agent yet)", n.name));
+    }
     match agent.exec(
         &["/usr/local/sbin/ncimage", "status"],
         None,
@@ -349,6 +375,8 @@ fn up_inner(
         .arg(&o.spec_path)
         .arg("--images")
         .arg(&o.images)
+        .arg("--stagger")
+        .arg(o.stagger.as_secs().to_string())
         .stdin(std::process::Stdio::null())
         .stdout(logf.try_clone().map_err(Error::io("opening", &log))?)
         .stderr(logf);
@@ -363,7 +391,7 @@ fn up_inner(
         .spawn()
         .map_err(Error::io("starting", "ncimage lab supervise"))?;
     // The supervisor writes state.json once every QEMU runs.
-    let state = loop {
+    let first = loop {
         crate::interrupt::check()?;
         if let Ok(s) = read_state(&o.dir) {
             break s;
@@ -377,14 +405,16 @@ fn up_inner(
         std::thread::sleep(Duration::from_millis(500));
     };
     say(&format!(
-        "{} VMs running after {:.0} s; waiting for every node to join",
-        state.nodes.len(),
-        t.elapsed().as_secs_f64()
+        "first VM ({}) running after {:.0} s; the others follow every {} s; waiting for every node to join",
+        first.nodes[0].name,
+        t.elapsed().as_secs_f64(),
+        o.stagger.as_secs()
     ));
     let mut last: HashMap<String, String> = HashMap::new();
     loop {
         crate::interrupt::check()?;
-        let mut all = true;
+        let state = read_state(&o.dir)?;
+        let mut all = state.nodes.len() == o.spec.nodes.len();
         for n in &state.nodes {
             let (joined, line) = node_status(n);
             all &= joined;

@@ -159,6 +159,9 @@ enum LabCmd {
         /// Leave the lab running when `up` fails, to look inside.
         #[arg(long)]
         keep: bool,
+        /// Seconds between two VM starts.
+        #[arg(long, default_value_t = 25)]
+        stagger: u64,
     },
     /// Every node's join status.
     Status {
@@ -184,6 +187,8 @@ enum LabCmd {
         lab: LabArgs,
         #[arg(long)]
         images: PathBuf,
+        #[arg(long, default_value_t = 25)]
+        stagger: u64,
     },
 }
 
@@ -365,6 +370,7 @@ fn run(cli: Cli) -> ncimage::Result<()> {
                 images,
                 timeout,
                 keep,
+                stagger,
             } => {
                 let (spec, dir) = lab.load()?;
                 let project = Project::locate(cli.project.as_deref())?;
@@ -380,6 +386,7 @@ fn run(cli: Cli) -> ncimage::Result<()> {
                         dir: dir.clone(),
                         images,
                         timeout: std::time::Duration::from_secs(timeout),
+                        stagger: std::time::Duration::from_secs(stagger),
                         keep_on_failure: keep,
                     },
                     &|m| eprintln!("{m}"),
@@ -429,9 +436,18 @@ fn run(cli: Cli) -> ncimage::Result<()> {
                 println!("lab down: {} removed", dir.display());
                 Ok(())
             }
-            LabCmd::Supervise { lab, images } => {
+            LabCmd::Supervise {
+                lab,
+                images,
+                stagger,
+            } => {
                 let (spec, dir) = lab.load()?;
-                ncimage::lab::supervise(&ncimage::lab::SuperviseOptions { spec, dir, images })
+                ncimage::lab::supervise(&ncimage::lab::SuperviseOptions {
+                    spec,
+                    dir,
+                    images,
+                    stagger: std::time::Duration::from_secs(stagger),
+                })
             }
         },
         Cmd::Secrets {
