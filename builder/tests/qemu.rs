@@ -341,6 +341,21 @@ fn boot(role: &str, firmware: &str, must_pass: &str) {
         "{role} {firmware}: test took {:.1} s",
         t.elapsed().as_secs_f64()
     );
+    // Figures for the CI log (scripts/test prints the file at the end).
+    let ready = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ready after "))
+        .unwrap_or("?");
+    let line = format!(
+        "{role:<10} {firmware:<4} ready after {ready:<8} whole test {:.0} s\n",
+        t.elapsed().as_secs_f64()
+    );
+    use std::io::Write;
+    let _ = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(scratch().join("figures.txt"))
+        .and_then(|mut f| f.write_all(line.as_bytes()));
     assert!(
         text.contains("ok   base / root mapping is a LUKS2 volume"),
         "{text}"
