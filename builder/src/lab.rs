@@ -420,7 +420,9 @@ fn up_inner(
             all &= joined;
             if last.get(&n.name) != Some(&line) {
                 say(&format!("{:>6.0} s  {line}", t.elapsed().as_secs_f64()));
-                if line.contains("join failed") || line.contains("QEMU is not running") {
+                // A failed join is tried again by its unit (Restart=on-failure): only a dead
+                // VM ends the wait early.
+                if line.contains("QEMU is not running") {
                     return Err(Error::Vm(format!("lab {}: {line}", cluster.name)));
                 }
                 last.insert(n.name.clone(), line);

@@ -70,6 +70,9 @@ enum Cmd {
         role: String,
         #[arg(long)]
         spec: Option<PathBuf>,
+        /// A node of the spec's cluster: first-boot files as that node gets them.
+        #[arg(long)]
+        node: Option<String>,
     },
     /// List the roles (folders under roles/).
     Roles,
@@ -174,6 +177,17 @@ enum LabCmd {
         lab: LabArgs,
         #[arg(long, default_value = "qemu-tests/lab/checks.toml")]
         checks: PathBuf,
+    },
+    /// Run a shell command on a node through its guest agent (prints its output).
+    Exec {
+        #[command(flatten)]
+        lab: LabArgs,
+        #[arg(long)]
+        node: String,
+        /// The command (bash -c).
+        command: String,
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
     },
     /// Stop every VM and remove everything the lab created.
     Down {
@@ -336,10 +350,10 @@ fn run(cli: Cli) -> ncimage::Result<()> {
             })?;
             Ok(())
         }
-        Cmd::Render { role, spec } => {
+        Cmd::Render { role, spec, node } => {
             let spec = Spec::load(spec.as_deref())?;
             let project = Project::locate(cli.project.as_deref())?;
-            for f in ncimage::render::render(&project, &spec, &role)? {
+            for f in ncimage::render::render(&project, &spec, &role, node.as_deref())? {
                 println!("==> {} ({}, from {})", f.path, f.phase, f.source);
                 println!("{}", f.text.trim_end());
             }
@@ -427,6 +441,28 @@ fn run(cli: Cli) -> ncimage::Result<()> {
                         total: passed + failed,
                         log: dir.join("vms").display().to_string(),
                     });
+                }
+                Ok(())
+            }
+            LabCmd::Exec {
+                lab,
+                node,
+                command,
+                timeout,
+            } => {
+                let (_, dir) = lab.load()?;
+                let state = ncimage::lab::read_state(&dir)?;
+                let n = state.nodes.iter().find(|n| n.name == node).ok_or_else(|| {
+                    ncimage::Error::invalid(
+                        format!("no node `{node}` in the lab"),
+                        "see `ncimage lab status`",
+                    )
+                })?;
+                let o = ncimage::lab::exec(n, &command, std::time::Duration::from_secs(timeout))?;
+                print!("{}", o.stdout);
+                eprint!("{}", o.stderr);
+                if o.code != 0 {
+                    return Err(ncimage::Error::Vm(format!("{node}: exit {}", o.code)));
                 }
                 Ok(())
             }

@@ -10,6 +10,7 @@ use crate::overlay::ImageInfo;
 use crate::spec::Spec;
 use crate::template;
 
+#[derive(Debug)]
 pub struct Rendered {
     /// Absolute path in the image.
     pub path: String,
@@ -19,19 +20,39 @@ pub struct Rendered {
     pub text: String,
 }
 
-pub fn render(project: &Project, spec: &Spec, role: &str) -> Result<Vec<Rendered>> {
+/// Renders a role's templates; first-boot ones for `node` of the spec's cluster when given
+/// (its node.vars derived from the topology), else for the test node.
+pub fn render(
+    project: &Project,
+    spec: &Spec,
+    role: &str,
+    node: Option<&str>,
+) -> Result<Vec<Rendered>> {
     let layers = project.layers_for(role)?;
     let merged = layer::merge(&layers)?;
     let ids = Ids::new(&spec.name, role);
     let build_ctx = build_context(spec, role, &layers, &merged, &ids, &[]);
-    let node = NodeConfig {
-        node: crate::vmtest::test_node(role, &merged),
-        secrets: merged
-            .secrets
-            .iter()
-            .map(|s| (s.name.clone(), format!("<secret:{}>", s.name)))
-            .collect(),
-        cluster: serde_json::Value::Null,
+    let placeholders: std::collections::BTreeMap<String, String> = merged
+        .secrets
+        .iter()
+        .map(|s| (s.name.clone(), format!("<secret:{}>", s.name)))
+        .collect();
+    let node = match node {
+        None => NodeConfig {
+            node: crate::vmtest::test_node(role, &merged),
+            secrets: placeholders,
+            cluster: serde_json::Value::Null,
+        },
+        Some(name) => {
+            let cfg = crate::cluster::node_config(spec, project, name, &placeholders, None)?;
+            if cfg.node.role != role {
+                return Err(crate::Error::invalid(
+                    format!("node `{name}` is a `{}` node, not `{role}`", cfg.node.role),
+                    format!("ncimage render --role {} --node {name}", cfg.node.role),
+                ));
+            }
+            cfg
+        }
     };
     let info = ImageInfo {
         role: role.into(),
@@ -75,6 +96,43 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_cluster_node_renders_with_its_topology() {
+        let project = Project::locate(Some(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/.."
+        ))))
+        .unwrap();
+        let spec = Spec::load(Some(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../image-specs/lab.toml"
+        ))))
+        .unwrap();
+        let r = render(&project, &spec, "lb", Some("lb-2")).unwrap();
+        let hap = r
+            .iter()
+            .find(|f| f.path == "/etc/haproxy/haproxy.cfg")
+            .unwrap();
+        assert!(
+            hap.text.contains("server app1 10.77.0.21:80"),
+            "{}",
+            hap.text
+        );
+        assert!(
+            hap.text.contains("server app2 10.77.0.22:80"),
+            "{}",
+            hap.text
+        );
+        let ka = r
+            .iter()
+            .find(|f| f.path == "/etc/keepalived/keepalived.conf")
+            .unwrap();
+        assert!(ka.text.contains("10.77.0.11"), "{}", ka.text);
+        assert!(ka.text.contains("unicast_src_ip 10.77.0.12"), "{}", ka.text);
+        let e = render(&project, &spec, "db", Some("lb-2")).unwrap_err();
+        assert!(e.to_string().contains("is a `lb` node"), "{e}");
+    }
+
+    #[test]
     fn every_role_renders_and_shows_secret_names_only() {
         let project = Project::locate(Some(std::path::Path::new(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -83,14 +141,14 @@ mod tests {
         .unwrap();
         let spec = Spec::load(None).unwrap();
         for role in project.roles() {
-            let r = render(&project, &spec, &role).unwrap();
+            let r = render(&project, &spec, &role, None).unwrap();
             assert!(
                 r.iter()
                     .any(|f| f.path == "/etc/nftables.conf" && f.phase == "first boot"),
                 "{role}"
             );
         }
-        let r = render(&project, &spec, "redis").unwrap();
+        let r = render(&project, &spec, "redis", None).unwrap();
         let sessions = r
             .iter()
             .find(|f| f.path == "/etc/redis/redis-sessions.conf")

@@ -34,7 +34,7 @@ addresses() {
     jq -r --arg r "$1" '(.cluster.roles[$r] // [])[] | .address' "$NCIMAGE_NODE" | sort -u
 }
 
-wait_for 300 "the local MariaDB (socket $DB_SOCKET)" sql -e 'SELECT 1'
+wait_for 900 "the local MariaDB (socket $DB_SOCKET)" sql -e 'SELECT 1'
 
 # A node that replicates (demoted after a promotion) or is read-only takes no writes.
 if [ -n "$(sql -e 'SHOW SLAVE STATUS')" ]; then

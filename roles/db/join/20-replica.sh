@@ -49,7 +49,7 @@ lit() {
 status() { sed -n "s/^ *$1: //p" <<<"$slave_status"; }
 read_status() { slave_status=$(mariadb --socket="$DB_SOCKET" -e 'SHOW SLAVE STATUS\G'); }
 
-wait_for 300 "the local MariaDB (socket $DB_SOCKET)" sql -e 'SELECT 1'
+wait_for 900 "the local MariaDB (socket $DB_SOCKET)" sql -e 'SELECT 1'
 
 if [ "$(sql -e 'SELECT @@read_only')" != 1 ]; then
     if [ -e /etc/mysql/mariadb.conf.d/75-promoted.cnf ]; then
