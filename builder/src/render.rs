@@ -44,14 +44,13 @@ pub fn render(
             cluster: serde_json::Value::Null,
         },
         Some(name) => {
-            let cfg = crate::cluster::node_config(spec, project, name, &placeholders, None)?;
-            if cfg.node.role != role {
+            if let Some(n) = spec.nodes.iter().find(|n| n.name == name && n.role != role) {
                 return Err(crate::Error::invalid(
-                    format!("node `{name}` is a `{}` node, not `{role}`", cfg.node.role),
-                    format!("ncimage render --role {} --node {name}", cfg.node.role),
+                    format!("node `{name}` is a `{}` node, not `{role}`", n.role),
+                    format!("ncimage render --role {} --node {name}", n.role),
                 ));
             }
-            cfg
+            crate::cluster::node_config(spec, project, name, &placeholders, None)?
         }
     };
     let info = ImageInfo {
