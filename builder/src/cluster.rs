@@ -45,14 +45,15 @@ pub struct ClusterSettings {
 #[serde(deny_unknown_fields)]
 pub struct FloatingIp {
     pub address: String,
-    /// `none` (the address moves by VRRP alone, as in a lab), `digitalocean`, `hetzner`.
+    /// `none` (the address moves by VRRP alone, as in a lab), `digitalocean`, `hetzner`, `aws`.
     pub provider: String,
-    /// The provider's id of the floating IP, where its API wants one (Hetzner).
+    /// The provider's id of the floating IP, where its API wants one (Hetzner's id, AWS's
+    /// allocation id).
     #[serde(default)]
     pub id: Option<String>,
 }
 
-pub const PROVIDERS: &[&str] = &["none", "digitalocean", "hetzner"];
+pub const PROVIDERS: &[&str] = &["none", "digitalocean", "hetzner", "aws"];
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -293,6 +294,13 @@ pub fn validate(spec: &Spec, line: &dyn Fn(&str) -> String) -> Result<()> {
                 "set id = \"<floating IP id>\" (hcloud floating-ip list)",
             );
         }
+        if f.provider == "aws" && !f.id.as_deref().is_some_and(|i| i.starts_with("eipalloc-")) {
+            return bad(
+                "[cluster.floating_ip]",
+                "cluster.floating_ip: AWS needs the Elastic IP's allocation id".into(),
+                "set id = \"eipalloc-...\" (aws ec2 describe-addresses)",
+            );
+        }
         let a: Ipv4Addr = ok.expect("checked");
         if addrs.contains_key(&a) {
             return bad(
@@ -372,7 +380,7 @@ pub fn check_roles(spec: &Spec, project: &Project) -> Result<()> {
                         spec.source
                     ),
                     match need.as_str() {
-                        "floating_ip" => "add [cluster.floating_ip] with address and provider (none, digitalocean, hetzner)",
+                        "floating_ip" => "add [cluster.floating_ip] with address and provider (none, digitalocean, hetzner, aws)",
                         _ => "add [cluster.mail] with relay, from and to",
                     },
                 ));
@@ -578,6 +586,8 @@ mod tests {
         assert!(e.contains("provider `ovh` is not known"), "{e}");
         let e = err("provider = \"none\"", "provider = \"hetzner\"");
         assert!(e.contains("needs the floating IP's id"), "{e}");
+        let e = err("provider = \"none\"", "provider = \"aws\"");
+        assert!(e.contains("allocation id"), "{e}");
         let e = err("[cluster.floating_ip]\naddress = \"10.77.0.10\"\n# No provider in a lab: the address moves by VRRP alone.\nprovider = \"none\"\n", "");
         assert!(
             e.contains("the `lb` role needs [cluster.floating_ip]"),
