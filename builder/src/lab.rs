@@ -272,23 +272,24 @@ pub fn node_status(n: &NodeState) -> (bool, String) {
             let line = o.stdout.trim().to_string();
             (line.contains(": joined in"), line)
         }
+        // `ncimage status` fails until the join has started (first boot still running).
+        Ok(o) if o.stderr.contains("no join status") => (
+            false,
+            format!("{}: first boot running (join not started yet)", n.name),
+        ),
         Ok(o) => (
             false,
             format!(
-                "{}: {}",
+                "{}: `ncimage status` failed: {}",
                 n.name,
-                o.stderr
-                    .lines()
-                    .find(|l| l.contains('×') || l.contains("no join"))
-                    .unwrap_or("booting")
-                    .trim()
+                o.stderr.lines().last().unwrap_or("").trim()
             ),
         ),
         Err(_) => (false, format!("{}: booting (no guest agent yet)", n.name)),
     }
 }
 
-/// Runs `argv` in a node through its guest agent.
+/// Runs a bash script in a node through its guest agent.
 pub fn exec(n: &NodeState, script: &str, timeout: Duration) -> Result<crate::qemu::ExecOutput> {
     Agent::new(&n.name, &n.qga).exec(&["/bin/bash", "-c", script], None, timeout)
 }
