@@ -98,9 +98,8 @@ pub fn private_interface(sys_class_net: &Path, node: &Node) -> String {
         .to_string()
 }
 
-/// Renders every first-boot file; returns the paths that changed. With `apply`, also chowns
-/// and reloads the units the image names.
-pub fn run(p: &Paths, apply: bool) -> Result<Vec<String>> {
+/// The image's plan (image.json) and the node's seed (node.json), parsed.
+pub fn load(p: &Paths) -> Result<(ImageInfo, NodeConfig)> {
     let read = |path: &Path| std::fs::read_to_string(path).map_err(Error::io("reading", path));
     let info: ImageInfo = serde_json::from_str(&read(&p.image)?).map_err(|e| {
         Error::invalid(
@@ -114,6 +113,14 @@ pub fn run(p: &Paths, apply: bool) -> Result<Vec<String>> {
             "the seed's node.json is malformed: regenerate the seed",
         )
     })?;
+    Ok((info, node))
+}
+
+/// Renders every first-boot file; returns the paths that changed. With `apply`, also chowns
+/// and reloads the units the image names.
+pub fn run(p: &Paths, apply: bool) -> Result<Vec<String>> {
+    let (info, node) = load(p)?;
+    let read = |path: &Path| std::fs::read_to_string(path).map_err(Error::io("reading", path));
     if node.node.role != info.role {
         return Err(Error::invalid(
             format!(

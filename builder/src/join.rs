@@ -15,8 +15,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::firstboot::{NodeConfig, Paths};
-use crate::overlay::ImageInfo;
+use crate::firstboot::Paths;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "lowercase")]
@@ -86,15 +85,7 @@ fn write_status(root: &Path, s: &Status) -> Result<()> {
 /// Runs the join steps of this node. Each step's output goes to the journal (inherited
 /// stdout/stderr); its last line of stderr becomes the failure message.
 pub fn run(p: &Paths) -> Result<Status> {
-    let read = |path: &Path| std::fs::read_to_string(path).map_err(Error::io("reading", path));
-    let info: ImageInfo = serde_json::from_str(&read(&p.image)?).map_err(|e| {
-        Error::invalid(
-            format!("{}: {e}", p.image.display()),
-            "the image is damaged: rebuild it",
-        )
-    })?;
-    let node: NodeConfig = serde_json::from_str(&read(&p.node)?)
-        .map_err(|e| Error::invalid(format!("{}: {e}", p.node.display()), "regenerate the seed"))?;
+    let (info, node) = crate::firstboot::load(p)?;
     let cluster = node.cluster["name"].as_str().map(str::to_string);
     let t = Instant::now();
     let mut s = Status {

@@ -8,16 +8,21 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::layer::{SecretDecl, SecretKind};
 
-/// An ed25519 OpenSSH private key, made by ssh-keygen in a private temporary folder.
-fn ssh_key(name: &str) -> Result<String> {
-    crate::tools::require("ssh-keygen")?;
-    let d = tempfile::Builder::new()
-        .prefix("ncimage-ssh-")
+/// A temporary folder (mode 0700, removed when dropped) for key material.
+fn private_tempdir(prefix: &str) -> Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix(prefix)
         .tempdir()
         .map_err(Error::io(
             "creating a temporary folder",
             std::env::temp_dir(),
-        ))?;
+        ))
+}
+
+/// An ed25519 OpenSSH private key, made by ssh-keygen in a private temporary folder.
+fn ssh_key(name: &str) -> Result<String> {
+    crate::tools::require("ssh-keygen")?;
+    let d = private_tempdir("ncimage-ssh-")?;
     let key = d.path().join("key");
     crate::tools::run(
         std::process::Command::new("ssh-keygen")
@@ -39,13 +44,7 @@ fn ssh_key(name: &str) -> Result<String> {
 /// The OpenSSH public key of a private key (ssh-keygen -y in a private temporary folder).
 pub fn public_key(private: &str) -> Result<String> {
     use std::os::unix::fs::OpenOptionsExt;
-    let d = tempfile::Builder::new()
-        .prefix("ncimage-ssh-")
-        .tempdir()
-        .map_err(Error::io(
-            "creating a temporary folder",
-            std::env::temp_dir(),
-        ))?;
+    let d = private_tempdir("ncimage-ssh-")?;
     let key = d.path().join("key");
     std::fs::OpenOptions::new()
         .write(true)
@@ -67,13 +66,7 @@ pub fn public_key(private: &str) -> Result<String> {
 /// private temporary folder that is removed at once.
 fn self_signed_pem(name: &str) -> Result<String> {
     crate::tools::require("openssl")?;
-    let d = tempfile::Builder::new()
-        .prefix("ncimage-tls-")
-        .tempdir()
-        .map_err(Error::io(
-            "creating a temporary folder",
-            std::env::temp_dir(),
-        ))?;
+    let d = private_tempdir("ncimage-tls-")?;
     let (key, cert) = (d.path().join("key.pem"), d.path().join("cert.pem"));
     crate::tools::run(
         std::process::Command::new("openssl")
