@@ -113,6 +113,9 @@ pub struct NodeSpec {
     /// Memory of the node's VM in `ncimage lab` (MiB).
     #[serde(default)]
     pub memory_mib: Option<u32>,
+    /// This node's unlock policy, replacing its role's (`[encryption]` keys).
+    #[serde(default)]
+    pub encryption: Option<crate::rekey::UnlockPolicy>,
 }
 
 /// A role's place in a cluster (role.toml `[cluster]`).
@@ -481,6 +484,14 @@ pub fn node_config(
         })?;
         own.insert(d.name.clone(), v.clone());
     }
+    let rk = crate::secrets::recovery_name(&node.name);
+    let recovery = secrets.get(&rk).ok_or_else(|| {
+        Error::invalid(
+            format!("the cluster's secrets lack `{rk}` (the recovery key of {})", node.name),
+            "the secrets file is older than this node or than per-node recovery keys: make a new one with `ncimage secrets init`",
+        )
+    })?;
+    own.insert(crate::rekey::RECOVERY_SECRET.to_string(), recovery.clone());
     Ok(NodeConfig {
         node: Node {
             name: node.name.clone(),
@@ -493,6 +504,9 @@ pub fn node_config(
         },
         secrets: own,
         cluster: topology(spec),
+        encryption: crate::rekey::NodeEncryption {
+            policy: spec.unlock_policy(&node.role, node.encryption.as_ref()),
+        },
     })
 }
 
@@ -605,6 +619,12 @@ mod tests {
             .unwrap()
             .into_iter()
             .map(|d| (d.name.clone(), format!("value-of-{}", d.name)))
+            .chain(spec.nodes.iter().map(|n| {
+                (
+                    crate::secrets::recovery_name(&n.name),
+                    format!("recovery-of-{}", n.name),
+                )
+            }))
             .collect();
         let cfg = |n: &str| node_config(&spec, &p, n, &secrets, None).unwrap();
         let app1 = cfg("app-1");
@@ -646,6 +666,12 @@ mod tests {
             .unwrap()
             .into_iter()
             .map(|d| (d.name.clone(), format!("value-of-{}", d.name)))
+            .chain(spec.nodes.iter().map(|n| {
+                (
+                    crate::secrets::recovery_name(&n.name),
+                    format!("recovery-of-{}", n.name),
+                )
+            }))
             .collect();
         let app = node_config(&spec, &p, "app-1", &secrets, None).unwrap();
         let seed = crate::seed::nocloud(&app, "i", &[]);
@@ -668,6 +694,19 @@ mod tests {
             app.secrets["redis_sessions_password"],
             "value-of-redis_sessions_password"
         );
+        // Its own recovery key, no other node's; its role's unlock policy.
+        assert_eq!(
+            app.secrets[crate::rekey::RECOVERY_SECRET],
+            "recovery-of-app-1"
+        );
+        assert!(!text.contains("recovery-of-app-2") && !text.contains("recovery-of-db-1"));
+        assert_eq!(app.encryption.policy, spec.unlock_policy("app", None));
+        let mut no_key = secrets.clone();
+        no_key.remove(&crate::secrets::recovery_name("app-1"));
+        let e = node_config(&spec, &p, "app-1", &no_key, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("luks-recovery:app-1"), "{e}");
         let db = node_config(&spec, &p, "db-2", &secrets, None).unwrap();
         assert!(db.secrets.contains_key("db_replication_password"));
         assert!(!db.secrets.contains_key("nextcloud_secret"));

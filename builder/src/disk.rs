@@ -202,8 +202,9 @@ pub fn esp_volume_id(seed: &[u8; 32]) -> u32 {
 }
 
 /// /grub/grub.cfg of the boot partition: serial console (115200, unit 0) and the normal
-/// console, no menu delay, one entry booting `/vmlinuz` with `cmdline` and `/initrd.img`.
-/// `cmdline` is written as is: GRUB's shell quoting applies to it.
+/// console, no menu delay, one entry booting `/vmlinuz` with `cmdline` and `/initrd.img`, plus
+/// `/ncimage-enroll.img` while it exists (first boot: the enrollment key, which `ncimage rekey`
+/// deletes). `cmdline` is written as is: GRUB's shell quoting applies to it.
 pub fn grub_cfg(cmdline: &str) -> String {
     format!(
         "serial --unit=0 --speed=115200\n\
@@ -216,7 +217,11 @@ pub fn grub_cfg(cmdline: &str) -> String {
          \techo 'Loading Linux ...'\n\
          \tlinux /vmlinuz {cmdline}\n\
          \techo 'Loading initial ramdisk ...'\n\
-         \tinitrd /initrd.img\n\
+         \tif [ -f /ncimage-enroll.img ]; then\n\
+         \t\tinitrd /initrd.img /ncimage-enroll.img\n\
+         \telse\n\
+         \t\tinitrd /initrd.img\n\
+         \tfi\n\
          }}\n",
         cmdline = cmdline.trim()
     )
@@ -788,7 +793,8 @@ mod tests {
         assert!(c.contains("terminal_output serial console\n"));
         assert!(c.contains("set timeout=0\n"));
         assert!(c.contains("\tlinux /vmlinuz console=ttyS0,115200 root=/dev/vda4 panic=-1\n"));
-        assert!(c.contains("\tinitrd /initrd.img\n"));
+        assert!(c.contains("\t\tinitrd /initrd.img\n"));
+        assert!(c.contains("\t\tinitrd /initrd.img /ncimage-enroll.img\n"));
         assert_eq!(c.matches("menuentry").count(), 1);
         assert_eq!(c.matches('{').count(), c.matches('}').count());
         let e = grub_early_cfg("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0");

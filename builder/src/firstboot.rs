@@ -26,6 +26,9 @@ pub struct NodeConfig {
     /// node booted alone (`ncimage test`).
     #[serde(default)]
     pub cluster: serde_json::Value,
+    /// How this node's volumes unlock (the recovery key is in `secrets`); see rekey.rs.
+    #[serde(default)]
+    pub encryption: crate::rekey::NodeEncryption,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

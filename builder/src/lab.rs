@@ -159,6 +159,12 @@ pub fn supervise(o: &SuperviseOptions) -> Result<()> {
         let mac = mac_of(i + 1);
         let memory = n.memory_mib.unwrap_or(1024);
         let work = o.dir.join("vms").join(&n.name);
+        // A vTPM (swtpm, state beside the VM) for nodes whose unlock policy asks for one.
+        let tpm = o
+            .spec
+            .unlock_policy(&n.role, n.encryption.as_ref())
+            .tpm2
+            .then(|| work.join("tpm"));
         let vm = Vm::start(VmConfig {
             name: n.name.clone(),
             disk: image_of(&o.images, &n.role),
@@ -171,6 +177,8 @@ pub fn supervise(o: &SuperviseOptions) -> Result<()> {
             forwards: Vec::new(),
             kernel: None,
             lan: Some((sock.clone(), mac.clone())),
+            tpm,
+            guest_services: Vec::new(),
         })?;
         nodes.push(NodeState {
             name: n.name.clone(),

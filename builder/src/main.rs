@@ -63,6 +63,10 @@ enum Cmd {
         cpus: u32,
         #[arg(short, long)]
         quiet: bool,
+        /// Spec whose unlock policy (`[encryption]`, per role) the test node gets; default: the
+        /// embedded spec.
+        #[arg(long)]
+        spec: Option<PathBuf>,
     },
     /// Print every template of a role rendered (first-boot ones for the test node; secrets by name).
     Render {
@@ -76,6 +80,11 @@ enum Cmd {
     },
     /// List the roles (folders under roles/).
     Roles,
+    /// Show an image's partition table, the LUKS2 header of its root and its manifest.
+    Inspect {
+        /// An image file (qcow2 or raw) or the folder `ncimage build` wrote.
+        image: PathBuf,
+    },
     /// The whole cluster of a spec under QEMU on a private virtual network.
     Lab {
         #[command(subcommand)]
@@ -114,6 +123,12 @@ enum Cmd {
     },
     /// In the guest: one line saying whether this node has joined its cluster.
     Status {
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
+    /// In the guest: replace the image's volume key by this machine's own, bind the seed's
+    /// unlock methods, remove the enrollment key (run by ncimage-rekey.service at first boot).
+    Rekey {
         #[arg(long, default_value = "/")]
         root: PathBuf,
     },
@@ -335,9 +350,11 @@ fn run(cli: Cli) -> ncimage::Result<()> {
             memory,
             cpus,
             quiet,
+            spec,
         } => {
             let project = Project::locate(cli.project.as_deref())?;
             let image_dir = image.unwrap_or_else(|| PathBuf::from("out").join(&role));
+            let policy = Spec::load(spec.as_deref())?.unlock_policy(&role, None);
             vmtest::run(&vmtest::Options {
                 role,
                 project,
@@ -347,6 +364,7 @@ fn run(cli: Cli) -> ncimage::Result<()> {
                 memory_mib: memory,
                 cpus,
                 quiet,
+                policy,
             })?;
             Ok(())
         }
@@ -540,7 +558,22 @@ fn run(cli: Cli) -> ncimage::Result<()> {
             Ok(())
         }
         Cmd::Status { root } => {
+            if let Some(s) = ncimage::rekey::status(&root) {
+                println!("{}", s.line());
+            }
             println!("{}", ncimage::join::status(&root)?.line());
+            Ok(())
+        }
+        Cmd::Inspect { image } => {
+            print!("{}", ncimage::inspect::inspect(&image)?.report());
+            Ok(())
+        }
+        Cmd::Rekey { root } => {
+            let o = ncimage::rekey::Options {
+                root,
+                ..ncimage::rekey::Options::guest()
+            };
+            ncimage::rekey::run(&o)?;
             Ok(())
         }
         Cmd::Firstboot { root } => {

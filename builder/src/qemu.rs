@@ -67,6 +67,13 @@ pub struct VmConfig {
     /// A second NIC on a virtual switch (`ncimage lab`): the switch's unix socket and this
     /// NIC's MAC address. Frames go only to the other VMs on that switch.
     pub lan: Option<(PathBuf, String)>,
+    /// A TPM 2.0 (tpm-tis) backed by swtpm, whose state lives in this folder: the same folder
+    /// across boots is the same TPM. swtpm starts with the VM and ends with it.
+    pub tpm: Option<PathBuf>,
+    /// Guest-side services on the user-mode network: (address:port inside the guest network,
+    /// command QEMU runs for each connection, talking on its stdin/stdout). Nothing leaves
+    /// QEMU: the guest reaches the command, the command reaches nothing new.
+    pub guest_services: Vec<(String, String)>,
 }
 
 impl VmConfig {
@@ -88,6 +95,8 @@ impl VmConfig {
             forwards: Vec::new(),
             kernel: None,
             lan: None,
+            tpm: None,
+            guest_services: Vec::new(),
         }
     }
 }
@@ -100,7 +109,11 @@ pub struct VmPaths {
     pub qga_socket: PathBuf,
     pub qmp_socket: PathBuf,
     pub serial_log: PathBuf,
+    /// The serial console's input (a unix socket; its output also goes to `serial_log`).
+    pub serial_socket: PathBuf,
     pub qemu_log: PathBuf,
+    /// swtpm's control socket (with `VmConfig::tpm`).
+    pub tpm_socket: PathBuf,
 }
 
 impl VmPaths {
@@ -111,7 +124,9 @@ impl VmPaths {
             qga_socket: workdir.join("qga.sock"),
             qmp_socket: workdir.join("qmp.sock"),
             serial_log: workdir.join("serial.log"),
+            serial_socket: workdir.join("serial.sock"),
             qemu_log: workdir.join("qemu.log"),
+            tpm_socket: workdir.join("swtpm.sock"),
         }
     }
 }
@@ -235,6 +250,9 @@ pub fn qemu_args(cfg: &VmConfig, paths: &VmPaths, accel: Accel) -> Vec<String> {
         for (host, guest) in &cfg.forwards {
             netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
         }
+        for (addr, command) in &cfg.guest_services {
+            netdev.push_str(&format!(",guestfwd=tcp:{addr}-cmd:{}", esc(command)));
+        }
         let device = format!("virtio-net-pci,netdev=n0,romfile=,mac={TEST_MAC}");
         push(&["-netdev", &netdev, "-device", &device]);
     }
@@ -269,10 +287,26 @@ pub fn qemu_args(cfg: &VmConfig, paths: &VmPaths, accel: Accel) -> Vec<String> {
         ),
     ]);
     push(&["-mon", "chardev=qmp0,mode=control"]);
+    // The console's output goes to the log whether or not anyone is connected to its socket;
+    // a connection to the socket types at the console (a passphrase prompt).
     push(&[
         "-chardev",
-        &format!("file,id=ser0,path={}", esc(&paths.serial_log)),
+        &format!(
+            "socket,id=ser0,path={},server=on,wait=off,logfile={},logappend=on",
+            esc(&paths.serial_socket),
+            esc(&paths.serial_log)
+        ),
     ]);
+    if cfg.tpm.is_some() {
+        push(&[
+            "-chardev",
+            &format!("socket,id=chrtpm,path={}", esc(&paths.tpm_socket)),
+            "-tpmdev",
+            "emulator,id=tpm0,chardev=chrtpm",
+            "-device",
+            "tpm-tis,tpmdev=tpm0",
+        ]);
+    }
     push(&["-serial", "chardev:ser0"]);
     push(&["-device", "virtio-rng-pci"]);
     push(&["-device", "pvpanic", "-action", "panic=exit-failure"]);
@@ -408,6 +442,8 @@ pub struct Vm {
     name: String,
     pid: u32,
     child: Mutex<Child>,
+    /// swtpm, when the VM has a TPM (exits with QEMU; killed on drop otherwise).
+    tpm: Option<Mutex<Child>>,
     paths: VmPaths,
     agent: Agent,
 }
@@ -422,7 +458,12 @@ impl Vm {
         let workdir =
             fs::canonicalize(&cfg.workdir).map_err(Error::io("resolving", &cfg.workdir))?;
         let paths = VmPaths::in_workdir(&workdir);
-        for sock in [&paths.qga_socket, &paths.qmp_socket] {
+        for sock in [
+            &paths.qga_socket,
+            &paths.qmp_socket,
+            &paths.serial_socket,
+            &paths.tpm_socket,
+        ] {
             if sock.as_os_str().len() > MAX_SOCKET_PATH {
                 return Err(Error::invalid(
                     format!(
@@ -463,6 +504,10 @@ impl Vm {
             fs::copy(OVMF_VARS, &paths.ovmf_vars).map_err(Error::io("copying", OVMF_VARS))?;
         }
         fs::write(&paths.serial_log, b"").map_err(Error::io("creating", &paths.serial_log))?;
+        let tpm = match &cfg.tpm {
+            Some(state) => Some(start_swtpm(state, &paths.tpm_socket)?),
+            None => None,
+        };
 
         let acc = accel();
         let args = qemu_args(&cfg, &paths, acc);
@@ -483,6 +528,7 @@ impl Vm {
             name: cfg.name.clone(),
             pid: child.id(),
             child: Mutex::new(child),
+            tpm: tpm.map(Mutex::new),
             agent: Agent::new(&cfg.name, &paths.qga_socket),
             paths,
         };
@@ -521,6 +567,52 @@ impl Vm {
     /// The guest's serial console (ttyS0).
     pub fn serial_log(&self) -> &Path {
         &self.paths.serial_log
+    }
+
+    /// Types `text` at the serial console (e.g. a passphrase and "\n" at a prompt).
+    pub fn type_serial(&self, text: &[u8]) -> Result<()> {
+        let mut s = UnixStream::connect(&self.paths.serial_socket)
+            .map_err(Error::io("connecting to", &self.paths.serial_socket))?;
+        // One byte at a time, as a person types: a line discipline may drop a burst.
+        for b in text {
+            s.write_all(std::slice::from_ref(b))
+                .map_err(Error::io("writing to", &self.paths.serial_socket))?;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Keep the connection until the guest has read the line.
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(())
+    }
+
+    /// Until the serial console shows `needle` (anywhere in the log).
+    pub fn wait_serial(&self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = fs::read(&self.paths.serial_log).unwrap_or_default();
+            if String::from_utf8_lossy(&log).contains(needle) {
+                return Ok(());
+            }
+            if let Some(status) = self.exit_status() {
+                return Err(self.died(status, &format!("while waiting for `{needle}`")));
+            }
+            crate::interrupt::check()?;
+            if Instant::now() >= deadline {
+                return Err(Error::Vm(format!(
+                    "{} did not show `{needle}` on its console within {timeout:?}\n{}",
+                    self.name,
+                    self.serial_tail(30)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Kills QEMU at once (SIGKILL): a power loss. The disk keeps what the guest wrote.
+    pub fn power_cut(self) {
+        unsafe {
+            libc::kill(self.pid as libc::pid_t, libc::SIGKILL);
+        }
+        let _ = lock(&self.child).wait();
     }
 
     /// The last `lines` lines of the serial console, terminal escapes removed.
@@ -708,6 +800,11 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        if let Some(t) = &self.tpm {
+            let mut t = lock(t);
+            let _ = t.kill();
+            let _ = t.wait();
+        }
         let mut child = lock(&self.child);
         if matches!(child.try_wait(), Ok(Some(_))) {
             return;
@@ -726,6 +823,38 @@ impl Drop for Vm {
         let _ = child.kill();
         let _ = child.wait();
     }
+}
+
+/// swtpm (TPM 2.0) on `socket` with its state in `state`; dies with its parent thread and
+/// exits when QEMU disconnects.
+fn start_swtpm(state: &Path, socket: &Path) -> Result<Child> {
+    let swtpm = crate::tools::require("swtpm")?;
+    fs::create_dir_all(state).map_err(Error::io("creating", state))?;
+    let mut cmd = Command::new(&swtpm);
+    cmd.args(["socket", "--tpm2", "--terminate", "--tpmstate"])
+        .arg(format!("dir={}", esc(state)))
+        .arg("--ctrl")
+        .arg(format!("type=unixio,path={}", esc(socket)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    die_with_parent(&mut cmd);
+    let mut child = cmd.spawn().map_err(Error::io("starting", &swtpm))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(Error::Vm(format!("swtpm exited at start ({status})")));
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(Error::Vm(
+                "swtpm did not create its socket within 10 s".into(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(child)
 }
 
 /// "qcow2", "raw", ... as qemu-img detects it.
@@ -1365,7 +1494,7 @@ mod tests {
         );
         assert!(s.contains("name=org.qemu.guest_agent.0"), "{s}");
         assert!(
-            s.contains("-serial chardev:ser0") && s.contains("file,id=ser0,path=/tmp/w/serial.log"),
+            s.contains("-serial chardev:ser0") && s.contains("socket,id=ser0,path=/tmp/w/serial.sock,server=on,wait=off,logfile=/tmp/w/serial.log"),
             "{s}"
         );
         assert!(

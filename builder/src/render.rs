@@ -42,6 +42,7 @@ pub fn render(
             node: crate::vmtest::test_node(role, &merged),
             secrets: placeholders,
             cluster: serde_json::Value::Null,
+            encryption: Default::default(),
         },
         Some(name) => {
             if let Some(n) = spec.nodes.iter().find(|n| n.name == name && n.role != role) {
@@ -50,6 +51,11 @@ pub fn render(
                     format!("ncimage render --role {} --node {name}", n.role),
                 ));
             }
+            let mut placeholders = placeholders;
+            placeholders.insert(
+                crate::secrets::recovery_name(name),
+                format!("<secret:{}>", crate::rekey::RECOVERY_SECRET),
+            );
             crate::cluster::node_config(spec, project, name, &placeholders, None)?
         }
     };

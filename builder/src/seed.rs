@@ -141,6 +141,7 @@ mod tests {
             },
             secrets: [("pw".to_string(), "s3cret".to_string())].into(),
             cluster: serde_json::Value::Null,
+            encryption: Default::default(),
         }
     }
 

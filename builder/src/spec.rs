@@ -28,6 +28,10 @@ pub struct Spec {
     pub image: ImageSettings,
     #[serde(default)]
     pub luks: LuksSettings,
+    /// How nodes unlock their volumes after first boot (see rekey.rs); per role in
+    /// `[roles.<role>.encryption]`, per node in `[[nodes]] encryption`.
+    #[serde(default)]
+    pub encryption: crate::rekey::UnlockPolicy,
     #[serde(default)]
     pub roles: BTreeMap<String, RoleOverrides>,
     /// The cluster this spec describes (cluster specs only; see cluster.rs).
@@ -87,6 +91,9 @@ pub struct RoleOverrides {
     /// Values of the role's build-time `vars` (see the role's role.toml).
     #[serde(default)]
     pub vars: BTreeMap<String, serde_json::Value>,
+    /// The role's unlock policy, replacing `[encryption]`.
+    #[serde(default)]
+    pub encryption: Option<crate::rekey::UnlockPolicy>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
@@ -343,8 +350,28 @@ impl Spec {
                     );
                 }
             }
+            if let Some(p) = &o.encryption {
+                p.validate(&format!("{path}: [roles.{role}.encryption]"))?;
+            }
+        }
+        self.encryption.validate(&format!("{path}: [encryption]"))?;
+        for n in &self.nodes {
+            if let Some(p) = &n.encryption {
+                p.validate(&format!("{path}: node `{}` encryption", n.name))?;
+            }
         }
         Ok(())
+    }
+
+    /// The unlock policy of a node of `role`: the node's own, else its role's, else the spec's.
+    pub fn unlock_policy(
+        &self,
+        role: &str,
+        node: Option<&crate::rekey::UnlockPolicy>,
+    ) -> crate::rekey::UnlockPolicy {
+        node.or_else(|| self.roles.get(role).and_then(|o| o.encryption.as_ref()))
+            .unwrap_or(&self.encryption)
+            .clone()
     }
 
     pub fn root_size(&self, role: &str) -> u64 {

@@ -16,6 +16,7 @@ pub const TOOLS: &[(&str, &str)] = &[
     ),
     ("dumpe2fs", "e2fsprogs"),
     ("cryptsetup", "cryptsetup-bin"),
+    ("swtpm", "swtpm"),
     ("sgdisk", "gdisk"),
     (
         "grub-mkimage",

@@ -61,6 +61,7 @@ pub fn run(
         node: crate::vmtest::test_node(role, merged),
         secrets: Secrets::generate(&merged.secrets)?.0,
         cluster: serde_json::Value::Null,
+        encryption: Default::default(),
     };
     let node_json = tree.path().join("etc/ncimage/node.json");
     std::fs::write(&node_json, serde_json::to_vec(&node).expect("serialisable"))

@@ -24,6 +24,9 @@ pub struct Options {
     pub memory_mib: u32,
     pub cpus: u32,
     pub quiet: bool,
+    /// The test node's unlock policy (the spec's for the role). A policy with tpm2 gets a
+    /// vTPM (swtpm) when swtpm is installed.
+    pub policy: crate::rekey::UnlockPolicy,
 }
 
 #[derive(Debug, Clone)]
@@ -76,11 +79,18 @@ pub fn run(o: &Options) -> Result<Report> {
             println!("{s}");
         }
     };
-    let secrets = Secrets::generate(&merged.secrets)?;
+    let mut secrets = Secrets::generate(&merged.secrets)?;
+    secrets.0.insert(
+        crate::rekey::RECOVERY_SECRET.into(),
+        crate::rekey::new_recovery_key()?,
+    );
     let cfg = NodeConfig {
         node: test_node(&o.role, &merged),
         secrets: secrets.0.clone(),
         cluster: serde_json::Value::Null,
+        encryption: crate::rekey::NodeEncryption {
+            policy: o.policy.clone(),
+        },
     };
     let work = tempfile::Builder::new()
         .prefix("ncimage-test-")
@@ -123,6 +133,9 @@ pub fn run(o: &Options) -> Result<Report> {
         forwards: vec![(ssh_port, 22), (probe_port, PROBE_PORT)],
         kernel: None,
         lan: None,
+        tpm: (o.policy.tpm2 && crate::tools::which("swtpm").is_some())
+            .then(|| work.path().join("tpm")),
+        guest_services: Vec::new(),
     })?;
     let deadline = start + o.timeout;
     let left = || deadline.saturating_duration_since(Instant::now());
@@ -134,9 +147,10 @@ pub fn run(o: &Options) -> Result<Report> {
     // Ready: systemd has finished starting (running or degraded).
     loop {
         crate::interrupt::check()?;
+        // First boot re-encrypts the root (minutes under TCG): ask again every 50 s.
         let out = vm.sh(
-            "systemctl is-system-running --wait",
-            left().min(Duration::from_secs(60)),
+            "timeout 50 systemctl is-system-running --wait",
+            left().min(Duration::from_secs(70)),
         )?;
         let state = out.stdout.trim().to_string();
         if state == "running" || state == "degraded" {
@@ -463,6 +477,7 @@ mod tests {
                 node: test_node(&role, &merged),
                 secrets: Secrets::generate(&merged.secrets).unwrap().0,
                 cluster: serde_json::Value::Null,
+                encryption: Default::default(),
             };
             let info = ImageInfo {
                 role: role.clone(),

@@ -673,3 +673,431 @@ fn a_config_its_checker_rejects_stops_the_build() {
     assert!(!out.exists(), "a failed build left {}", out.display());
     std::fs::remove_dir_all(&proj).unwrap();
 }
+
+// ---------------------------------------------------------------------------------------
+// Encryption (issue 5): per-machine volume keys, unlock methods, recovery, power loss.
+
+mod enc {
+    use super::*;
+    use ncimage::firstboot::NodeConfig;
+    use ncimage::qemu::{Firmware, Vm, VmConfig};
+    use ncimage::rekey::{self, NodeEncryption, UnlockPolicy};
+
+    /// Address of the Tang server inside the guest network (QEMU runs tangd per connection).
+    pub const TANG_ADDR: &str = "10.0.2.100:80";
+
+    /// One test machine: its seed, recovery key, vTPM state and the top of its disk chain
+    /// (each boot stacks a qcow2 overlay on the previous one: the same disk across boots).
+    pub struct Machine {
+        pub name: String,
+        pub dir: PathBuf,
+        pub seed: PathBuf,
+        pub recovery: String,
+        pub disk: PathBuf,
+        boots: u32,
+    }
+
+    pub fn machine(name: &str, policy: UnlockPolicy) -> Machine {
+        let dir = scratch().join(format!("enc-{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let project = ncimage::layer::Project::locate(Some(&super::project())).unwrap();
+        let layers = project.layers_for(ROLE).unwrap();
+        let merged = ncimage::layer::merge(&layers).unwrap();
+        let mut secrets = ncimage::secrets::Secrets::generate(&merged.secrets).unwrap();
+        let recovery = rekey::new_recovery_key().unwrap();
+        secrets
+            .0
+            .insert(rekey::RECOVERY_SECRET.into(), recovery.clone());
+        let cfg = NodeConfig {
+            node: ncimage::vmtest::test_node(ROLE, &merged),
+            secrets: secrets.0,
+            cluster: serde_json::Value::Null,
+            encryption: NodeEncryption { policy },
+        };
+        let seed = dir.join("seed.img");
+        ncimage::seed::nocloud(&cfg, &format!("enc-{name}-{}", std::process::id()), &[])
+            .write_vfat(&seed)
+            .unwrap();
+        let disk = ncimage::vmtest::image_disk(image(), ROLE).unwrap();
+        Machine {
+            name: name.into(),
+            dir,
+            seed,
+            recovery,
+            disk,
+            boots: 0,
+        }
+    }
+
+    impl Machine {
+        /// Boots the machine's disk (with its vTPM, and Tang reachable, if asked).
+        pub fn boot(&mut self, tpm: bool, tang: Option<&Path>) -> Vm {
+            self.boots += 1;
+            let work = self.dir.join(format!("b{}", self.boots));
+            let vm = Vm::start(VmConfig {
+                name: format!("enc-{}-{}", self.name, self.boots),
+                disk: self.disk.clone(),
+                extra_disks: vec![self.seed.clone()],
+                firmware: Firmware::Uefi,
+                memory_mib: 2048,
+                cpus: 2,
+                workdir: work.clone(),
+                network: true,
+                forwards: Vec::new(),
+                kernel: None,
+                lan: None,
+                tpm: tpm.then(|| self.dir.join("tpm")),
+                guest_services: tang
+                    .map(|keys| {
+                        vec![(
+                            TANG_ADDR.to_string(),
+                            format!("/usr/libexec/tangd {}", keys.display()),
+                        )]
+                    })
+                    .unwrap_or_default(),
+            })
+            .unwrap();
+            self.disk = work.join("overlay.qcow2");
+            eprintln!("{}: boot {} started", self.name, self.boots);
+            vm
+        }
+    }
+
+    pub fn sh(vm: &Vm, script: &str) -> String {
+        let out = vm.sh(script, Duration::from_secs(120)).unwrap();
+        assert!(
+            out.success(),
+            "{script}: exit {}\n{}{}",
+            out.code,
+            out.stdout,
+            out.stderr
+        );
+        out.stdout.trim().to_string()
+    }
+
+    /// Until systemd has finished starting (first boot includes the re-encryption).
+    pub fn ready(vm: &Vm, timeout: Duration) -> f64 {
+        let t = Instant::now();
+        vm.wait_agent(timeout).unwrap();
+        loop {
+            let out = vm
+                .sh(
+                    "timeout 50 systemctl is-system-running --wait",
+                    Duration::from_secs(70),
+                )
+                .unwrap();
+            let state = out.stdout.trim();
+            if state == "running" || state == "degraded" {
+                return t.elapsed().as_secs_f64();
+            }
+            assert!(
+                t.elapsed() < timeout,
+                "still {state} after {timeout:?}\n{}",
+                vm.serial_tail(40)
+            );
+        }
+    }
+
+    /// The root's volume key as dm-crypt holds it (hex).
+    pub fn volume_key(vm: &Vm) -> String {
+        sh(vm, "dmsetup table --showkeys root | awk '{ print $5 }'")
+    }
+
+    /// Whether `key` opens the LUKS header of `disk`'s root (a copy of the header region, on the
+    /// host: no device-mapper needed).
+    pub fn key_opens(disk: &Path, key: &[u8], work: &Path) -> bool {
+        let parts = ncimage::inspect::gpt_of(disk, work).unwrap();
+        let header = work.join("header.bin");
+        let _ = std::fs::remove_file(&header);
+        ncimage::inspect::extract_luks_header(disk, &parts, &header).unwrap();
+        let kf = work.join("try.key");
+        std::fs::write(&kf, key).unwrap();
+        let st = Command::new("cryptsetup")
+            .args(["open", "--test-passphrase", "--disable-locks", "--key-file"])
+            .arg(&kf)
+            .arg(&header)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        let _ = std::fs::remove_file(&kf);
+        st.success()
+    }
+
+    /// Whether `needle` occurs anywhere in the disk's raw bytes (the whole chain, read as the
+    /// guest sees it).
+    pub fn disk_contains(disk: &Path, needle: &[u8], work: &Path) -> bool {
+        let raw = work.join("disk.raw");
+        let _ = std::fs::remove_file(&raw);
+        let st = Command::new("qemu-img")
+            .args(["convert", "-U", "-O", "raw"])
+            .arg(disk)
+            .arg(&raw)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let found = file_contains(&raw, needle);
+        let _ = std::fs::remove_file(&raw);
+        found
+    }
+
+    pub fn file_contains(path: &Path, needle: &[u8]) -> bool {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).unwrap();
+        let mut buf = vec![0u8; 8 << 20];
+        let mut carry: Vec<u8> = Vec::new();
+        loop {
+            let n = f.read(&mut buf).unwrap();
+            if n == 0 {
+                return false;
+            }
+            carry.extend_from_slice(&buf[..n]);
+            if carry.windows(needle.len()).any(|w| w == needle) {
+                return true;
+            }
+            let keep = carry.len().saturating_sub(needle.len());
+            carry.drain(..keep);
+        }
+    }
+
+    /// A Tang server's keys (tangd-keygen) and the thumbprint of its signing key.
+    pub fn tang_keys(dir: &Path) -> String {
+        std::fs::create_dir_all(dir).unwrap();
+        let st = Command::new("/usr/libexec/tangd-keygen")
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "tangd-keygen failed (scripts/setup-host installs tang)"
+        );
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let jwk: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap();
+            if jwk["alg"] == "ES512" {
+                let out = Command::new("jose")
+                    .args(["jwk", "thp", "-i"])
+                    .arg(e.path())
+                    .output()
+                    .unwrap();
+                assert!(out.status.success());
+                return String::from_utf8(out.stdout).unwrap().trim().to_string();
+            }
+        }
+        panic!("no signing key in {}", dir.display());
+    }
+
+    pub fn count_in_serial(vm: &Vm, needle: &str) -> usize {
+        let log = std::fs::read(vm.serial_log()).unwrap_or_default();
+        String::from_utf8_lossy(&log).matches(needle).count()
+    }
+
+    pub fn wait_count(vm: &Vm, needle: &str, n: usize, timeout: Duration) {
+        let t = Instant::now();
+        while count_in_serial(vm, needle) < n {
+            assert!(
+                t.elapsed() < timeout,
+                "`{needle}` not seen {n} time(s) within {timeout:?}\n{}",
+                vm.serial_tail(30)
+            );
+            assert!(vm.exit_status().is_none(), "QEMU exited");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+/// Issue 5, in one machine's life: first boot re-encrypts the root with a fresh volume key
+/// while a power cut interrupts it, the next boot resumes and finishes, binds the vTPM, removes
+/// the enrollment key; the vTPM alone unlocks the next boot; on the host the enrollment key no
+/// longer opens the header, the recovery key does, a wrong key does not, and a canary written
+/// in the guest is nowhere in the raw disk.
+#[test]
+#[ignore = "boots QEMU: scripts/test"]
+fn first_boot_rekeys_resumes_after_power_loss_and_unlocks_with_tpm2() {
+    use enc::*;
+    let t0 = Instant::now();
+    let policy = ncimage::rekey::UnlockPolicy {
+        tpm2: true,
+        ..Default::default()
+    };
+    let mut m = machine("tpm", policy);
+    let enroll = std::fs::read(cache_dir().join("keys/enroll.key")).unwrap();
+    let work = m.dir.join("host");
+    std::fs::create_dir_all(&work).unwrap();
+    assert!(
+        key_opens(&m.disk, &enroll, &work),
+        "the built image should open with the enrollment key"
+    );
+
+    // Boot 1: cut the power while the root is being re-encrypted.
+    {
+        let vm = m.boot(true, None);
+        vm.wait_agent(Duration::from_secs(600)).unwrap();
+        let t = Instant::now();
+        loop {
+            let out = vm
+                .sh(
+                    "cryptsetup luksDump $(cryptsetup status root | awk '/device:/ { print $2 }') | grep -c online-reencrypt",
+                    Duration::from_secs(60),
+                )
+                .unwrap();
+            if out.stdout.trim() != "0" && !out.stdout.trim().is_empty() {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(300),
+                "re-encryption never started\n{}",
+                vm.serial_tail(30)
+            );
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        std::thread::sleep(Duration::from_secs(10));
+        eprintln!(
+            "power cut during re-encryption ({:.0} s)",
+            t0.elapsed().as_secs_f64()
+        );
+        vm.power_cut();
+    }
+    // The header on disk records the unfinished re-encryption.
+    let parts = ncimage::inspect::gpt_of(&m.disk, &work).unwrap();
+    let header = work.join("mid.bin");
+    ncimage::inspect::extract_luks_header(&m.disk, &parts, &header).unwrap();
+    let dump = ok(Command::new("cryptsetup")
+        .args(["luksDump", "--disable-locks"])
+        .arg(&header)
+        .output()
+        .unwrap());
+    assert!(ncimage::rekey::reencrypt_in_progress(&dump), "{dump}");
+
+    // Boot 2: the initramfs opens the half re-encrypted root; rekey resumes and finishes.
+    let canary = format!(
+        "NCIMAGE-CANARY-{:x}",
+        t0.elapsed().as_nanos() ^ u128::from(std::process::id())
+    );
+    let vk = {
+        let vm = m.boot(true, None);
+        let secs = ready(&vm, Duration::from_secs(1200));
+        let status = sh(&vm, "ncimage status | head -n1");
+        eprintln!("resumed boot ready after {secs:.0} s: {status}");
+        assert!(
+            status.contains("own volume key")
+                && status.contains("resumed 1x")
+                && status.contains("unlock: tpm2 + recovery key"),
+            "{status}"
+        );
+        let vk = volume_key(&vm);
+        assert_eq!(vk.len(), 128, "{vk}");
+        sh(
+            &vm,
+            &format!("printf '%s\\n' {canary} > /root/canary && sync"),
+        );
+        vm.shutdown(Duration::from_secs(120)).unwrap();
+        vk
+    };
+    // Boot 3: the vTPM unlocks the root; nobody types anything.
+    {
+        let vm = m.boot(true, None);
+        vm.wait_agent(Duration::from_secs(600)).unwrap();
+        assert_eq!(sh(&vm, "cat /root/canary"), canary);
+        assert_eq!(volume_key(&vm), vk);
+        assert_eq!(sh(&vm, "systemctl is-enabled ncimage-rekey.service; test -e /etc/ncimage/keys/enroll.key && echo key || echo nokey"), "enabled\nnokey");
+        vm.shutdown(Duration::from_secs(120)).unwrap();
+    }
+    // On the host: nothing shipped in the image opens the disk; the recovery key does.
+    assert!(
+        !key_opens(&m.disk, &enroll, &work),
+        "the enrollment key still opens the root"
+    );
+    assert!(
+        key_opens(&m.disk, m.recovery.as_bytes(), &work),
+        "the recovery key does not open the root"
+    );
+    assert!(!key_opens(
+        &m.disk,
+        b"0000-0000-0000-0000-0000-0000-0000-0000",
+        &work
+    ));
+    assert!(
+        !disk_contains(&m.disk, canary.as_bytes(), &work),
+        "the canary is in the raw disk in plaintext"
+    );
+    let vk_file = scratch().join("enc-volume-keys.txt");
+    std::fs::write(&vk_file, format!("tpm {vk}\n")).unwrap();
+    eprintln!(
+        "tpm2 machine: whole test {:.0} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let _ = std::fs::remove_dir_all(&m.dir);
+}
+
+/// Issue 5, a second machine from the same image: its own volume key (not the first
+/// machine's), Tang (tangd run by QEMU inside the guest network) unlocks its reboot, and with
+/// neither Tang nor a TPM the boot waits at the console, where a wrong key is refused and the
+/// recovery key unlocks it.
+#[test]
+#[ignore = "boots QEMU: scripts/test"]
+fn a_second_machine_gets_its_own_key_unlocks_with_tang_and_at_the_console() {
+    use enc::*;
+    let t0 = Instant::now();
+    let keys_dir = scratch().join("enc-tang-keys");
+    let _ = std::fs::remove_dir_all(&keys_dir);
+    let thp = tang_keys(&keys_dir);
+    let policy = ncimage::rekey::UnlockPolicy {
+        tang: vec![ncimage::rekey::TangServer {
+            url: format!("http://{}", TANG_ADDR.trim_end_matches(":80")),
+            thp: Some(thp),
+        }],
+        ..Default::default()
+    };
+    let mut m = machine("tang", policy);
+    let vk = {
+        let vm = m.boot(false, Some(&keys_dir));
+        let secs = ready(&vm, Duration::from_secs(1200));
+        let status = sh(&vm, "ncimage status | head -n1");
+        eprintln!("first boot ready after {secs:.0} s: {status}");
+        assert!(status.contains("unlock: tang + recovery key"), "{status}");
+        let vk = volume_key(&vm);
+        vm.shutdown(Duration::from_secs(120)).unwrap();
+        vk
+    };
+    assert_eq!(vk.len(), 128);
+    if let Ok(other) = std::fs::read_to_string(scratch().join("enc-volume-keys.txt")) {
+        let first = other.split_whitespace().nth(1).unwrap();
+        assert_ne!(first, vk, "two machines from one image share a volume key");
+    }
+    {
+        let vm = m.boot(false, Some(&keys_dir));
+        vm.wait_agent(Duration::from_secs(600)).unwrap();
+        assert_eq!(volume_key(&vm), vk);
+        vm.shutdown(Duration::from_secs(120)).unwrap();
+    }
+    {
+        let prompt = "Please unlock disk root";
+        let vm = m.boot(false, None);
+        wait_count(&vm, prompt, 1, Duration::from_secs(600));
+        // Nothing unlocks it by itself.
+        std::thread::sleep(Duration::from_secs(20));
+        assert!(vm.wait_agent(Duration::from_secs(1)).is_err());
+        vm.type_serial(b"0000-1111-2222-3333-4444-5555-6666-7777\n")
+            .unwrap();
+        wait_count(&vm, prompt, 2, Duration::from_secs(300));
+        assert!(vm.wait_agent(Duration::from_secs(1)).is_err());
+        vm.type_serial(format!("{}\n", m.recovery).as_bytes())
+            .unwrap();
+        vm.wait_agent(Duration::from_secs(600)).unwrap();
+        assert_eq!(volume_key(&vm), vk);
+        let log = std::fs::read_to_string(vm.serial_log()).unwrap_or_default();
+        assert!(
+            !log.contains(&m.recovery),
+            "the recovery key was echoed on the console"
+        );
+        vm.shutdown(Duration::from_secs(120)).unwrap();
+    }
+    eprintln!(
+        "tang machine: whole test {:.0} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let _ = std::fs::remove_dir_all(&m.dir);
+    let _ = std::fs::remove_dir_all(&keys_dir);
+}

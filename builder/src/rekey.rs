@@ -1,0 +1,829 @@
+//! Per-instance encryption, in the guest: `ncimage rekey` (ncimage-rekey.service, first boot)
+//! turns the image's root, which every copy of the image shares (one volume key, opened by the
+//! build machine's enrollment key in the initramfs), into this machine's own:
+//!
+//! 1. online LUKS2 re-encryption of the active root with a fresh volume key (`cryptsetup
+//!    reencrypt`, resilience `checksum`: a power loss leaves a resumable header; the initramfs
+//!    opens the device in that state and the next boot's run resumes with `--resume-only`);
+//! 2. the node's recovery key (from its seed) as a keyslot (argon2id, the image's pinned cost);
+//! 3. the automatic unlock methods of the node's policy bound with clevis (tpm2, tang, or an
+//!    sss threshold across them);
+//! 4. the first-boot initramfs with the enrollment key (/boot/ncimage-enroll.img, loaded by
+//!    GRUB after the image's keyless initramfs) overwritten and deleted: no initramfs rebuild
+//!    in the guest (minutes under TCG);
+//! 5. the enrollment keyslot killed and the key file removed.
+//!
+//! Every step checks whether it is done, so the command is idempotent and survives power loss
+//! at any point. Progress is in /var/lib/ncimage/rekey.json (`ncimage status` prints it) and on
+//! the journal. The policy (`[encryption]` in specs) is defined here too.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::tools;
+
+/// Name of the recovery key in a node's seed (`secrets`), and its prefix in a cluster's
+/// secrets file (`luks-recovery:<node>`).
+pub const RECOVERY_SECRET: &str = "luks-recovery";
+
+/// The first-boot initramfs (on /boot) that carries the enrollment key (GRUB loads it after the
+/// main one while it exists).
+pub const ENROLL_INITRD: &str = "boot/ncimage-enroll.img";
+
+/// The mapping the initramfs opens the root as.
+pub const ROOT_MAPPING: &str = "root";
+
+/// How a node's encrypted volumes unlock without a console. The recovery key is always added.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UnlockPolicy {
+    /// Seal to the machine's TPM 2.0 (clevis tpm2).
+    #[serde(default)]
+    pub tpm2: bool,
+    /// PCRs the TPM seal is bound to (e.g. "7"); none by default.
+    #[serde(default)]
+    pub tpm2_pcrs: Option<String>,
+    /// Tang servers (clevis tang): the key is recovered over the network from any of them.
+    #[serde(default)]
+    pub tang: Vec<TangServer>,
+    /// How many of the automatic methods (tpm2 counts one, each tang server one) must answer
+    /// (clevis sss). 1 = any of them.
+    #[serde(default = "d_threshold")]
+    pub threshold: u32,
+    /// The policy asks for tpm2 and the machine has none: `skip` binds the other methods (the
+    /// recovery key alone if none is left), `fail` binds none and fails the unit. Either way the
+    /// volume key is replaced and the enrollment key removed.
+    #[serde(default)]
+    pub on_missing_tpm2: Missing,
+}
+
+fn d_threshold() -> u32 {
+    1
+}
+
+impl Default for UnlockPolicy {
+    fn default() -> Self {
+        UnlockPolicy {
+            tpm2: false,
+            tpm2_pcrs: None,
+            tang: Vec::new(),
+            threshold: 1,
+            on_missing_tpm2: Missing::Skip,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum Missing {
+    #[default]
+    Skip,
+    Fail,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TangServer {
+    /// e.g. "http://10.20.0.5:7500"
+    pub url: String,
+    /// Thumbprint of the server's signing key (`tang-show-keys`); without one, the key the
+    /// server advertises at first boot is trusted.
+    #[serde(default)]
+    pub thp: Option<String>,
+}
+
+impl UnlockPolicy {
+    /// Checks the policy; `what` names where it comes from.
+    pub fn validate(&self, what: &str) -> Result<()> {
+        let n = self.methods();
+        if n > 0 && (self.threshold == 0 || self.threshold > n) {
+            return Err(Error::invalid(
+                format!(
+                    "{what}: threshold = {} but the policy has {n} automatic unlock method(s)",
+                    self.threshold
+                ),
+                format!("set threshold between 1 and {n}"),
+            ));
+        }
+        for t in &self.tang {
+            if !(t.url.starts_with("http://") || t.url.starts_with("https://")) {
+                return Err(Error::invalid(
+                    format!("{what}: tang server `{}` is not an http(s) URL", t.url),
+                    "write e.g. { url = \"http://10.20.0.5:7500\" }",
+                ));
+            }
+        }
+        if let Some(p) = &self.tpm2_pcrs {
+            if !p
+                .split(',')
+                .all(|x| x.trim().parse::<u8>().is_ok_and(|n| n < 24))
+            {
+                return Err(Error::invalid(
+                    format!("{what}: tpm2_pcrs = \"{p}\" is not a list of PCR numbers"),
+                    "write e.g. tpm2_pcrs = \"7\" or \"0,7\"",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of automatic methods (tpm2 one, each tang server one).
+    pub fn methods(&self) -> u32 {
+        u32::from(self.tpm2) + self.tang.len() as u32
+    }
+
+    /// The clevis pin and its configuration for the methods available (`tpm2` false when the
+    /// machine has no TPM and the policy skips it). None: recovery key only.
+    pub fn clevis_pin(&self, tpm2: bool) -> Option<(String, serde_json::Value)> {
+        let tpm_cfg = || match &self.tpm2_pcrs {
+            Some(p) => serde_json::json!({"pcr_bank": "sha256", "pcr_ids": p}),
+            None => serde_json::json!({}),
+        };
+        let tang_cfg = |t: &TangServer| match &t.thp {
+            Some(thp) => serde_json::json!({"url": t.url, "thp": thp}),
+            None => serde_json::json!({"url": t.url}),
+        };
+        let mut pins: Vec<(&str, serde_json::Value)> = Vec::new();
+        if tpm2 && self.tpm2 {
+            pins.push(("tpm2", tpm_cfg()));
+        }
+        pins.extend(self.tang.iter().map(|t| ("tang", tang_cfg(t))));
+        match pins.len() {
+            0 => None,
+            1 => {
+                let (p, c) = pins.pop().expect("one");
+                Some((p.to_string(), c))
+            }
+            n => {
+                let t = self.threshold.clamp(1, n as u32);
+                let mut by: serde_json::Map<String, serde_json::Value> = Default::default();
+                for (p, c) in pins {
+                    by.entry(p)
+                        .or_insert_with(|| serde_json::Value::Array(vec![]))
+                        .as_array_mut()
+                        .expect("array")
+                        .push(c);
+                }
+                Some(("sss".into(), serde_json::json!({"t": t, "pins": by})))
+            }
+        }
+    }
+
+    /// One line for people: "tpm2 + tang(2), threshold 1, recovery key".
+    pub fn describe(&self) -> String {
+        let mut v = Vec::new();
+        if self.tpm2 {
+            v.push("tpm2".to_string());
+        }
+        if !self.tang.is_empty() {
+            v.push(format!("tang({})", self.tang.len()));
+        }
+        if v.is_empty() {
+            return "recovery key only".into();
+        }
+        format!(
+            "{}, threshold {}, recovery key",
+            v.join(" + "),
+            self.threshold
+        )
+    }
+}
+
+/// A recovery key people can type at a console: 32 hex digits (128 bits) in groups of four.
+pub fn new_recovery_key() -> Result<String> {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).map_err(|e| Error::Vm(format!("no randomness: {e}")))?;
+    let h = hex::encode(b);
+    Ok(h.as_bytes()
+        .chunks(4)
+        .map(|c| std::str::from_utf8(c).expect("hex"))
+        .collect::<Vec<_>>()
+        .join("-"))
+}
+
+/// The encryption part of a node's seed (node.json): its unlock policy. The recovery key
+/// travels with the node's secrets (`luks-recovery`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeEncryption {
+    #[serde(default)]
+    pub policy: UnlockPolicy,
+}
+
+// ---------------------------------------------------------------------------------------
+// Status
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    /// The volume key is being replaced (online re-encryption).
+    Reencrypting,
+    /// Waiting for the node's seed (policy and recovery key).
+    WaitingForSeed,
+    /// Adding the recovery key, binding the unlock methods, rebuilding the initramfs.
+    Binding,
+    Done,
+    Failed,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub state: State,
+    pub message: String,
+    /// Automatic unlock methods bound ("tpm2", "tang", "sss(...)"), empty: recovery key only.
+    #[serde(default)]
+    pub bound: String,
+    #[serde(default)]
+    pub reencrypt_seconds: Option<f64>,
+    /// Times the re-encryption was resumed after an interruption.
+    #[serde(default)]
+    pub resumed: u32,
+    #[serde(default)]
+    pub seconds: f64,
+}
+
+impl Status {
+    pub fn line(&self) -> String {
+        let what = match self.state {
+            State::Reencrypting => "re-encrypting the root with this machine's volume key".into(),
+            State::WaitingForSeed => "volume key replaced; waiting for the seed".into(),
+            State::Binding => "binding the unlock methods".into(),
+            State::Done => format!(
+                "own volume key (re-encrypted in {:.0} s{}), unlock: {}, enrollment key removed",
+                self.reencrypt_seconds.unwrap_or(0.0),
+                if self.resumed > 0 {
+                    format!(", resumed {}x", self.resumed)
+                } else {
+                    String::new()
+                },
+                if self.bound.is_empty() {
+                    "recovery key only".into()
+                } else {
+                    format!("{} + recovery key", self.bound)
+                }
+            ),
+            State::Failed => format!("FAILED: {}", self.message),
+        };
+        let note = if self.state == State::Done && !self.message.is_empty() {
+            format!(" ({})", self.message)
+        } else {
+            String::new()
+        };
+        format!("ncimage: encryption: {what}{note}")
+    }
+}
+
+pub fn status_path(root: &Path) -> PathBuf {
+    root.join("var/lib/ncimage/rekey.json")
+}
+
+pub fn status(root: &Path) -> Option<Status> {
+    let text = std::fs::read_to_string(status_path(root)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn write_status(root: &Path, s: &Status) -> Result<()> {
+    let p = status_path(root);
+    let dir = p.parent().expect("has a parent");
+    std::fs::create_dir_all(dir).map_err(Error::io("creating", dir))?;
+    let tmp = p.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(Error::io("creating", &tmp))?;
+    f.write_all(&serde_json::to_vec_pretty(s).expect("serialisable"))
+        .and_then(|_| f.sync_all())
+        .map_err(Error::io("writing", &tmp))?;
+    std::fs::rename(&tmp, &p).map_err(Error::io("renaming", &p))?;
+    println!("{}", s.line());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Reading cryptsetup's output
+
+/// Whether a `cryptsetup luksDump` shows an unfinished re-encryption.
+pub fn reencrypt_in_progress(dump: &str) -> bool {
+    dump.lines().any(|l| {
+        let l = l.trim();
+        (l.starts_with("Requirements:") && l.contains("online-reencrypt"))
+            || l == "online-reencrypt-v2"
+            || l == "online-reencrypt-v3"
+            || l == "online-reencrypt"
+    }) || dump.contains("\treencrypt (unbound)")
+        || dump.contains(": reencrypt")
+}
+
+/// Token ids of clevis tokens in a `cryptsetup luksDump`.
+pub fn clevis_tokens(dump: &str) -> Vec<u32> {
+    let mut in_tokens = false;
+    let mut v = Vec::new();
+    for l in dump.lines() {
+        if l.starts_with("Tokens:") {
+            in_tokens = true;
+            continue;
+        }
+        if in_tokens && !l.starts_with(char::is_whitespace) && !l.is_empty() {
+            in_tokens = false;
+        }
+        if in_tokens {
+            if let Some((id, kind)) = l.trim().split_once(':') {
+                if kind.trim() == "clevis" {
+                    if let Ok(n) = id.trim().parse() {
+                        v.push(n);
+                    }
+                }
+            }
+        }
+    }
+    v
+}
+
+/// The keyslot `cryptsetup open --test-passphrase -v` reports ("Key slot 0 unlocked.").
+pub fn unlocked_slot(out: &str) -> Option<u32> {
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix("Key slot "))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// crypttab with the root's key file replaced by `none` (the initramfs then asks clevis and
+/// the console). Other lines unchanged.
+pub fn crypttab_without_key(text: &str) -> String {
+    let mut out = String::new();
+    for l in text.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if !l.trim_start().starts_with('#') && f.len() >= 3 && f[0] == ROOT_MAPPING {
+            let opts = f.get(3).copied().unwrap_or("luks");
+            out.push_str(&format!("{} {} none {}\n", f[0], f[1], opts));
+        } else {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// The first-boot run
+
+pub struct Options {
+    pub root: PathBuf,
+    /// The enrollment key file (in the image; gone once done).
+    pub enroll_key: PathBuf,
+    /// PBKDF of new passphrase keyslots.
+    pub pbkdf: Vec<String>,
+    /// How long to wait for the seed (node.json).
+    pub seed_wait: Duration,
+}
+
+impl Options {
+    pub fn guest() -> Options {
+        Options {
+            root: PathBuf::from("/"),
+            enroll_key: PathBuf::from("/etc/ncimage/keys/enroll.key"),
+            pbkdf: [
+                "--pbkdf",
+                "argon2id",
+                "--pbkdf-memory",
+                "65536",
+                "--pbkdf-parallel",
+                "1",
+                "--pbkdf-force-iterations",
+                "4",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+            seed_wait: Duration::from_secs(600),
+        }
+    }
+}
+
+fn cs(args: &[&str]) -> Command {
+    let mut c = Command::new("cryptsetup");
+    c.args(args);
+    c
+}
+
+/// The block device under the root mapping (`cryptsetup status root`: "device:  /dev/vda4").
+fn root_device() -> Result<String> {
+    let out = tools::run(&mut cs(&["status", ROOT_MAPPING]))?;
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix("device:"))
+        .map(|d| d.trim().to_string())
+        .ok_or_else(|| {
+            Error::Vm(format!(
+                "cryptsetup status {ROOT_MAPPING}: no device in {out}"
+            ))
+        })
+}
+
+/// A 0600 file in /run (tmpfs) holding `data`, removed on drop.
+struct KeyFile(PathBuf);
+impl KeyFile {
+    fn new(name: &str, data: &[u8]) -> Result<KeyFile> {
+        let dir = Path::new("/run/ncimage");
+        std::fs::create_dir_all(dir).map_err(Error::io("creating", dir))?;
+        let p = dir.join(name);
+        let _ = std::fs::remove_file(&p);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&p)
+            .map_err(Error::io("creating", &p))?;
+        f.write_all(data).map_err(Error::io("writing", &p))?;
+        Ok(KeyFile(p))
+    }
+}
+impl Drop for KeyFile {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.0, vec![0u8; 64]);
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn opens(dev: &str, key: &Path) -> Option<u32> {
+    let out = Command::new("cryptsetup")
+        .args(["open", "--test-passphrase", "-v", "--key-file"])
+        .arg(key)
+        .arg(dev)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    unlocked_slot(&String::from_utf8_lossy(&out.stdout)).or(Some(u32::MAX))
+}
+
+fn tpm_present(root: &Path) -> bool {
+    root.join("dev/tpmrm0").exists() || root.join("sys/class/tpm/tpm0").exists()
+}
+
+/// Runs (or resumes, or finishes) the first-boot re-keying. Idempotent.
+pub fn run(o: &Options) -> Result<Status> {
+    let started = Instant::now();
+    let mut st = status(&o.root).unwrap_or(Status {
+        state: State::Reencrypting,
+        message: String::new(),
+        bound: String::new(),
+        reencrypt_seconds: None,
+        resumed: 0,
+        seconds: 0.0,
+    });
+    if st.state == State::Done {
+        println!("{}", st.line());
+        return Ok(st);
+    }
+    let enroll = o.enroll_key.clone();
+    if !enroll.exists() {
+        return fail(
+            o,
+            st,
+            "the enrollment key is gone but re-keying never finished".into(),
+        );
+    }
+    let dev = root_device()?;
+
+    // 1. The volume key.
+    let dump = tools::run(&mut cs(&["luksDump", &dev]))?;
+    let pending = reencrypt_in_progress(&dump);
+    if st.reencrypt_seconds.is_none() || pending {
+        let t = Instant::now();
+        let mut c = cs(&["reencrypt", "--batch-mode", "--key-file"]);
+        c.arg(&enroll);
+        if pending {
+            st.resumed += 1;
+            st.state = State::Reencrypting;
+            st.message = "resuming an interrupted re-encryption".into();
+            write_status(&o.root, &st)?;
+            c.arg("--resume-only");
+        } else {
+            st.state = State::Reencrypting;
+            write_status(&o.root, &st)?;
+            c.args(["--resilience", "checksum"]).args(&o.pbkdf);
+        }
+        c.arg(&dev);
+        if let Err(e) = tools::run(&mut c) {
+            return fail(o, st, format!("cryptsetup reencrypt: {e}"));
+        }
+        st.reencrypt_seconds =
+            Some(st.reencrypt_seconds.unwrap_or(0.0) + t.elapsed().as_secs_f64());
+        st.message.clear();
+        st.state = State::WaitingForSeed;
+        write_status(&o.root, &st)?;
+    }
+
+    // 2. The seed: policy and recovery key.
+    let node_json = o.root.join("etc/ncimage/node.json");
+    let deadline = Instant::now() + o.seed_wait;
+    while !node_json.exists() {
+        if Instant::now() >= deadline {
+            return fail(
+                o,
+                st,
+                format!(
+                    "no seed after {} s: {} is missing, so there is no recovery key to add",
+                    o.seed_wait.as_secs(),
+                    node_json.display()
+                ),
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let node: crate::firstboot::NodeConfig = {
+        let text = std::fs::read_to_string(&node_json).map_err(Error::io("reading", &node_json))?;
+        serde_json::from_str(&text).map_err(|e| {
+            Error::invalid(
+                format!("{}: {e}", node_json.display()),
+                "regenerate the node's seed",
+            )
+        })?
+    };
+    let Some(recovery) = node.secrets.get(RECOVERY_SECRET).cloned() else {
+        return fail(
+            o,
+            st,
+            format!("the seed has no `{RECOVERY_SECRET}`: the node would have no recovery key"),
+        );
+    };
+    let policy = node.encryption.policy.clone();
+    policy.validate("the seed's encryption policy")?;
+    st.state = State::Binding;
+    write_status(&o.root, &st)?;
+
+    // 3. The recovery key, with the pinned PBKDF.
+    let rec = KeyFile::new("recovery.key", recovery.trim().as_bytes())?;
+    if opens(&dev, &rec.0).is_none() {
+        let mut c = cs(&["luksAddKey", "--batch-mode", "--key-file"]);
+        c.arg(&enroll).args(&o.pbkdf).arg(&dev).arg(&rec.0);
+        if let Err(e) = tools::run(&mut c) {
+            return fail(o, st, format!("adding the recovery key: {e}"));
+        }
+    }
+
+    // 4. The automatic methods (unbound first if a power loss left a half-made token).
+    let mut notes = Vec::new();
+    let has_tpm = tpm_present(&o.root);
+    let mut use_tpm = policy.tpm2;
+    let mut failed = None;
+    if policy.tpm2 && !has_tpm {
+        use_tpm = false;
+        let msg = format!(
+            "the policy asks for tpm2 but this machine has no TPM (no /dev/tpmrm0); {}",
+            match policy.on_missing_tpm2 {
+                Missing::Skip if policy.tang.is_empty() => "on_missing_tpm2 = skip: the recovery key alone unlocks this node (typed at the console at every boot)".to_string(),
+                Missing::Skip => "on_missing_tpm2 = skip: bound to tang only".to_string(),
+                Missing::Fail => "on_missing_tpm2 = fail: nothing bound, only the recovery key unlocks this node".to_string(),
+            }
+        );
+        eprintln!("ncimage rekey: {msg}");
+        notes.push(msg.clone());
+        if policy.on_missing_tpm2 == Missing::Fail {
+            failed = Some(msg);
+        }
+    }
+    let dump = tools::run(&mut cs(&["luksDump", &dev]))?;
+    let pin = if failed.is_some() {
+        None
+    } else {
+        // sss with fewer pins than asked (tpm2 skipped): the threshold is clamped.
+        policy.clevis_pin(use_tpm)
+    };
+    if let Some((pin, cfg)) = &pin {
+        if clevis_tokens(&dump).is_empty() {
+            let cfg = cfg.to_string();
+            let mut last = String::new();
+            let mut ok = false;
+            // Tang may come up after this node (a cluster booting): retry for two minutes.
+            for _ in 0..12 {
+                let r = tools::run(
+                    Command::new("clevis")
+                        .args(["luks", "bind", "-y", "-d", &dev, "-k"])
+                        .arg(&enroll)
+                        .args([pin.as_str(), &cfg]),
+                );
+                match r {
+                    Ok(_) => {
+                        ok = true;
+                        break;
+                    }
+                    Err(e) => last = e.to_string(),
+                }
+                std::thread::sleep(Duration::from_secs(10));
+            }
+            if !ok {
+                let msg = format!("clevis luks bind {pin} failed: {last}");
+                eprintln!("ncimage rekey: {msg}; the recovery key alone unlocks this node");
+                failed = Some(msg);
+            }
+        }
+        if failed.is_none() {
+            st.bound = if pin == "sss" {
+                format!("sss({})", cfg)
+            } else {
+                pin.clone()
+            };
+        }
+    }
+
+    // 5. crypttab without a key file (the image's already is); the first-boot initramfs
+    //    with the enrollment key goes: GRUB then loads only the machine's own initramfs,
+    //    which opens the root with clevis or the recovery key. Overwritten before removal.
+    let crypttab = o.root.join("etc/crypttab");
+    let text = std::fs::read_to_string(&crypttab).map_err(Error::io("reading", &crypttab))?;
+    let new = crypttab_without_key(&text);
+    if new != text {
+        std::fs::write(&crypttab, new).map_err(Error::io("writing", &crypttab))?;
+    }
+    let enroll_initrd = o.root.join(ENROLL_INITRD);
+    if enroll_initrd.exists() {
+        if let Err(e) = tools::run(Command::new("shred").arg("-u").arg(&enroll_initrd)) {
+            return fail(o, st, format!("removing {}: {e}", enroll_initrd.display()));
+        }
+        tools::run(&mut Command::new("sync"))?;
+    }
+
+    // 6. The enrollment keyslot goes (authorised by the recovery key).
+    if let Some(slot) = opens(&dev, &enroll) {
+        let mut c = cs(&["luksKillSlot", "--batch-mode", "--key-file"]);
+        c.arg(&rec.0).arg(&dev).arg(slot.to_string());
+        if let Err(e) = tools::run(&mut c) {
+            return fail(o, st, format!("killing the enrollment keyslot {slot}: {e}"));
+        }
+    }
+    if opens(&dev, &enroll).is_some() {
+        return fail(o, st, "the enrollment key still opens the root".into());
+    }
+    // Last: the key file (its presence is what starts ncimage-rekey.service).
+    if let Err(e) = std::fs::remove_file(&enroll) {
+        return fail(o, st, format!("removing {}: {e}", enroll.display()));
+    }
+
+    st.seconds += started.elapsed().as_secs_f64();
+    st.message = notes.join("; ");
+    if let Some(f) = failed {
+        return fail(o, st, f);
+    }
+    st.state = State::Done;
+    write_status(&o.root, &st)?;
+    Ok(st)
+}
+
+fn fail(o: &Options, mut st: Status, msg: String) -> Result<Status> {
+    st.state = State::Failed;
+    st.message = msg.clone();
+    let _ = write_status(&o.root, &st);
+    Err(Error::invalid(
+        format!("re-keying the root: {msg}"),
+        "see `journalctl -u ncimage-rekey.service`; the unit runs again at the next boot",
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(toml_text: &str) -> UnlockPolicy {
+        toml::from_str(toml_text).unwrap()
+    }
+
+    #[test]
+    fn policy_to_clevis_pins() {
+        assert_eq!(policy("").clevis_pin(true), None);
+        let p = policy("tpm2 = true");
+        assert_eq!(
+            p.clevis_pin(true),
+            Some(("tpm2".into(), serde_json::json!({})))
+        );
+        assert_eq!(p.clevis_pin(false), None);
+        let p = policy("tpm2 = true\ntpm2_pcrs = \"7\"\ntang = [{ url = \"http://10.0.0.5\", thp = \"abc\" }, { url = \"http://10.0.0.6\" }]\nthreshold = 2");
+        p.validate("t").unwrap();
+        let (pin, cfg) = p.clevis_pin(true).unwrap();
+        assert_eq!(pin, "sss");
+        assert_eq!(
+            cfg,
+            serde_json::json!({"t": 2, "pins": {
+                "tpm2": [{"pcr_bank": "sha256", "pcr_ids": "7"}],
+                "tang": [{"url": "http://10.0.0.5", "thp": "abc"}, {"url": "http://10.0.0.6"}]
+            }})
+        );
+        // Without a TPM, two tang servers remain and the threshold still fits.
+        let (_, cfg) = p.clevis_pin(false).unwrap();
+        assert_eq!(cfg["t"], 2);
+        assert!(cfg["pins"].get("tpm2").is_none());
+        let one = policy("tang = [{ url = \"http://t\" }]");
+        assert_eq!(
+            one.clevis_pin(false),
+            Some(("tang".into(), serde_json::json!({"url": "http://t"})))
+        );
+        assert_eq!(one.describe(), "tang(1), threshold 1, recovery key");
+    }
+
+    #[test]
+    fn bad_policies_are_refused_with_what_to_do() {
+        let e = policy("tpm2 = true\nthreshold = 2")
+            .validate("spec.toml [encryption]")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("threshold = 2") && e.contains("1 automatic"),
+            "{e}"
+        );
+        assert!(policy("tang = [{ url = \"10.0.0.5\" }]")
+            .validate("x")
+            .is_err());
+        assert!(policy("tpm2 = true\ntpm2_pcrs = \"7,x\"")
+            .validate("x")
+            .is_err());
+        assert!(toml::from_str::<UnlockPolicy>("tmp2 = true").is_err());
+        assert!(toml::from_str::<UnlockPolicy>("on_missing_tpm2 = \"maybe\"").is_err());
+        policy("").validate("x").unwrap();
+    }
+
+    #[test]
+    fn recovery_keys_are_typable_and_fresh() {
+        let a = new_recovery_key().unwrap();
+        let b = new_recovery_key().unwrap();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 39);
+        assert!(a.chars().all(|c| c == '-' || c.is_ascii_hexdigit()));
+    }
+
+    const DUMP: &str = "LUKS header information
+Version:       \t2
+Epoch:         \t9
+Metadata area: \t16384 [bytes]
+Keyslots area: \t16744448 [bytes]
+UUID:          \t9c3f7d1e-2b4a-4c5d-8e6f-0a1b2c3d4e5f
+Label:         \troot
+Subsystem:     \t(no subsystem)
+Flags:       \t(no flags)
+Requirements:\tonline-reencrypt-v2
+
+Data segments:
+  0: crypt
+\toffset: 16777216 [bytes]
+Keyslots:
+  0: luks2
+\tKey:        512 bits
+  1: reencrypt (unbound)
+\tKey:        8 bits
+Tokens:
+  0: clevis
+\tKeyslot:    2
+  1: systemd-tpm2
+Digests:
+  0: pbkdf2
+";
+
+    #[test]
+    fn luks_dump_is_read() {
+        assert!(reencrypt_in_progress(DUMP));
+        let done = DUMP
+            .replace("Requirements:\tonline-reencrypt-v2\n", "")
+            .replace("  1: reencrypt (unbound)\n", "");
+        assert!(!reencrypt_in_progress(&done));
+        assert_eq!(clevis_tokens(DUMP), vec![0]);
+        assert_eq!(
+            clevis_tokens(&done.replace("0: clevis", "0: other")),
+            Vec::<u32>::new()
+        );
+        assert_eq!(
+            unlocked_slot("Key slot 3 unlocked.\nCommand successful.\n"),
+            Some(3)
+        );
+        assert_eq!(unlocked_slot("No key available"), None);
+    }
+
+    #[test]
+    fn crypttab_loses_its_key_file_only() {
+        let t = "# <name> <device> <key> <opts>\nroot     UUID=abc /etc/ncimage/keys/enroll.key luks,discard,initramfs\ndata UUID=d /k luks\n";
+        assert_eq!(
+            crypttab_without_key(t),
+            "# <name> <device> <key> <opts>\nroot UUID=abc none luks,discard,initramfs\ndata UUID=d /k luks\n"
+        );
+        let once = crypttab_without_key(t);
+        assert_eq!(crypttab_without_key(&once), once);
+    }
+
+    #[test]
+    fn status_lines_say_what_happens() {
+        let mut s = Status {
+            state: State::Done,
+            message: String::new(),
+            bound: "tpm2".into(),
+            reencrypt_seconds: Some(41.2),
+            resumed: 1,
+            seconds: 60.0,
+        };
+        assert_eq!(s.line(), "ncimage: encryption: own volume key (re-encrypted in 41 s, resumed 1x), unlock: tpm2 + recovery key, enrollment key removed");
+        s.state = State::Failed;
+        s.message = "clevis luks bind tang failed".into();
+        assert!(s.line().contains("FAILED: clevis luks bind tang failed"));
+    }
+}
