@@ -45,6 +45,8 @@ pub struct Manifest {
     pub packages: Vec<Package>,
     /// Archives installed (source, sha256, the key that signed them).
     pub archives: Vec<crate::archive::Fetched>,
+    /// Encrypted data volumes the image makes at first boot (each needs its own disk).
+    pub volumes: Vec<crate::layer::VolumeDecl>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -399,6 +401,7 @@ pub fn build(o: &Options) -> Result<Manifest> {
         timings_seconds: p.timings.clone(),
         packages: root.packages.clone(),
         archives: archives.clone(),
+        volumes: merged.volumes.clone(),
     };
     let mpath = tmp.path().join("manifest.json");
     let mtext = serde_json::to_string_pretty(&manifest).expect("serialisable") + "\n";

@@ -277,6 +277,7 @@ mod tests {
             join: vec![],
             reload_after_firstboot: vec![],
             ncimage_version: "0".into(),
+            volumes: Vec::new(),
         };
         std::fs::write(
             r.join("etc/ncimage/image.json"),

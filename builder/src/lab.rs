@@ -165,6 +165,7 @@ pub fn supervise(o: &SuperviseOptions) -> Result<()> {
             .unlock_policy(&n.role, n.encryption.as_ref())
             .tpm2
             .then(|| work.join("tpm"));
+        let data_disks = data_disks(&image_of(&o.images, &n.role), &work)?;
         let vm = Vm::start(VmConfig {
             name: n.name.clone(),
             disk: image_of(&o.images, &n.role),
@@ -179,6 +180,7 @@ pub fn supervise(o: &SuperviseOptions) -> Result<()> {
             lan: Some((sock.clone(), mac.clone())),
             tpm,
             guest_services: Vec::new(),
+            data_disks,
         })?;
         nodes.push(NodeState {
             name: n.name.clone(),
@@ -495,6 +497,18 @@ pub fn down(dir: &Path) -> Result<()> {
         std::fs::remove_dir_all(dir).map_err(Error::io("removing", dir))?;
     }
     Ok(())
+}
+
+/// A sparse data disk per volume the image declares (its manifest's `volumes`), in the VM's
+/// folder.
+fn data_disks(image: &Path, work: &Path) -> Result<Vec<(PathBuf, String)>> {
+    let manifest = image.with_file_name("manifest.json");
+    let volumes: Vec<crate::layer::VolumeDecl> = std::fs::read_to_string(&manifest)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|m| serde_json::from_value(m.get("volumes")?.clone()).ok())
+        .unwrap_or_default();
+    crate::vmtest::data_disks(&volumes, work)
 }
 
 #[cfg(test)]

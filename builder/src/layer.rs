@@ -68,6 +68,31 @@ pub struct Manifest {
     /// them per role (`[roles.<role>.vars]`).
     #[serde(default)]
     pub vars: BTreeMap<String, serde_json::Value>,
+    /// Encrypted data volumes: a disk of their own, formatted LUKS2 at first boot (volume.rs).
+    #[serde(default)]
+    pub volumes: Vec<VolumeDecl>,
+}
+
+/// A data volume a role declares (`[[volumes]]`): its own disk, LUKS2 made at first boot under
+/// the node's unlock policy, mounted at `mount` with what the image had there copied over,
+/// and `services` started only once it is mounted.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeDecl {
+    /// Short name: the disk's serial is `ncimage-<name>`, the mapping `data-<name>`.
+    pub name: String,
+    /// Absolute mount point.
+    pub mount: String,
+    /// Size of the disk `ncimage test` and `ncimage lab` attach.
+    #[serde(default = "d_volume_size")]
+    pub size: crate::spec::Size,
+    /// Units ordered after the mount (RequiresMountsFor drop-ins).
+    #[serde(default)]
+    pub services: Vec<String>,
+}
+
+fn d_volume_size() -> crate::spec::Size {
+    crate::spec::Size(1 << 30)
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -452,6 +477,7 @@ pub struct Merged {
     pub test_vars: BTreeMap<String, serde_json::Value>,
     pub vars: BTreeMap<String, serde_json::Value>,
     pub node_vars: BTreeMap<String, String>,
+    pub volumes: Vec<VolumeDecl>,
 }
 
 pub fn merge(layers: &[Layer]) -> Result<Merged> {
@@ -493,6 +519,35 @@ pub fn merge(layers: &[Layer]) -> Result<Merged> {
             .extend(x.vars.iter().map(|(k, v)| (k.clone(), v.clone())));
         m.node_vars
             .extend(x.node_vars.iter().map(|(k, v)| (k.clone(), v.clone())));
+        for v in &x.volumes {
+            let ok_name = !v.name.is_empty()
+                && v.name.len() <= 12
+                && v.name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+            if !ok_name || !v.mount.starts_with('/') || v.mount == "/" || v.mount.contains("..") {
+                return Err(Error::invalid(
+                    format!(
+                        "{}: volume `{}` at `{}`: a volume needs a short name (a-z, 0-9, up to 12) and an absolute mount point other than /",
+                        l.name, v.name, v.mount
+                    ),
+                    "e.g. [[volumes]] name = \"db\", mount = \"/var/lib/mysql\"",
+                ));
+            }
+            if m.volumes
+                .iter()
+                .any(|o| o.name == v.name || o.mount == v.mount)
+            {
+                return Err(Error::invalid(
+                    format!(
+                        "{}: volume `{}` ({}) is declared twice",
+                        l.name, v.name, v.mount
+                    ),
+                    "declare each volume (name and mount point) once",
+                ));
+            }
+            m.volumes.push(v.clone());
+        }
     }
     for v in [
         &mut m.firewall.private_tcp,

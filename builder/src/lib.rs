@@ -30,5 +30,6 @@ pub mod template;
 pub mod tools;
 pub mod validate;
 pub mod vmtest;
+pub mod volume;
 
 pub use error::{Error, Result};

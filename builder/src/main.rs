@@ -132,6 +132,12 @@ enum Cmd {
         #[arg(long, default_value = "/")]
         root: PathBuf,
     },
+    /// In the guest: make (first boot) and check the image's encrypted data volumes (run by
+    /// ncimage-volumes.service before the services that use them).
+    Volumes {
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
     /// In the guest: render this node's files from its seed (run by ncimage-firstboot.service).
     Firstboot {
         /// Root of the system to configure.
@@ -566,6 +572,12 @@ fn run(cli: Cli) -> ncimage::Result<()> {
         }
         Cmd::Inspect { image } => {
             print!("{}", ncimage::inspect::inspect(&image)?.report());
+            Ok(())
+        }
+        Cmd::Volumes { root } => {
+            for l in ncimage::volume::run_all(&root, &ncimage::rekey::Options::guest().pbkdf)? {
+                println!("ncimage: {l}");
+            }
             Ok(())
         }
         Cmd::Rekey { root } => {

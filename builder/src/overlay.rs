@@ -19,6 +19,7 @@ pub const IMAGE_JSON: &str = "etc/ncimage/image.json";
 pub const FIRSTBOOT_DIR: &str = "usr/share/ncimage/firstboot";
 pub const GUEST_BINARY: &str = "usr/local/sbin/ncimage";
 pub const FIRSTBOOT_UNIT: &str = "ncimage-firstboot.service";
+pub const VOLUMES_UNIT: &str = "ncimage-volumes.service";
 pub const JOIN_DIR: &str = "usr/share/ncimage/join";
 
 /// What first boot in the guest needs to know about the image (written to /etc/ncimage/image.json).
@@ -36,6 +37,9 @@ pub struct ImageInfo {
     pub join: Vec<String>,
     pub reload_after_firstboot: Vec<String>,
     pub ncimage_version: String,
+    /// Encrypted data volumes (made at first boot by `ncimage volumes`).
+    #[serde(default)]
+    pub volumes: Vec<crate::layer::VolumeDecl>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -146,6 +150,7 @@ pub fn apply(inp: &Inputs, out_dir: &Path) -> Result<Output> {
         join,
         reload_after_firstboot: inp.merged.reload_after_firstboot.clone(),
         ncimage_version: env!("CARGO_PKG_VERSION").to_string(),
+        volumes: inp.merged.volumes.clone(),
     };
     files.push((
         IMAGE_JSON.into(),
@@ -163,6 +168,23 @@ pub fn apply(inp: &Inputs, out_dir: &Path) -> Result<Output> {
             body.into_bytes(),
             Some(0o644),
         ));
+    }
+    for v in &inp.merged.volumes {
+        for unit in &v.services {
+            let body = format!(
+                "# Written by ncimage: this unit keeps its data on the encrypted volume `{name}`,\n# which first boot makes (ncimage volumes) and which is mounted before it starts.\n[Unit]\nRequires={VOLUMES_UNIT}\nAfter={VOLUMES_UNIT}\nRequiresMountsFor={mount}\n",
+                name = v.name,
+                mount = v.mount
+            );
+            files.push((
+                format!(
+                    "etc/systemd/system/{unit}.d/50-ncimage-volume-{}.conf",
+                    v.name
+                ),
+                body.into_bytes(),
+                Some(0o644),
+            ));
+        }
     }
     let replaced: BTreeSet<String> = files.iter().map(|(p, _, _)| p.clone()).collect();
     let mut unit_names: BTreeSet<String> = BTreeSet::new();

@@ -74,6 +74,9 @@ pub struct VmConfig {
     /// command QEMU runs for each connection, talking on its stdin/stdout). Nothing leaves
     /// QEMU: the guest reaches the command, the command reaches nothing new.
     pub guest_services: Vec<(String, String)>,
+    /// Writable raw disks with a serial (the guest finds them as
+    /// /dev/disk/by-id/virtio-<serial>): data volumes. Owned by the caller, kept across boots.
+    pub data_disks: Vec<(PathBuf, String)>,
 }
 
 impl VmConfig {
@@ -97,6 +100,7 @@ impl VmConfig {
             lan: None,
             tpm: None,
             guest_services: Vec::new(),
+            data_disks: Vec::new(),
         }
     }
 }
@@ -242,6 +246,17 @@ pub fn qemu_args(cfg: &VmConfig, paths: &VmPaths, accel: Accel) -> Vec<String> {
             &format!("file={},if=none,id={id},format=raw,readonly=on", esc(d)),
         ]);
         push(&["-device", &format!("virtio-blk-pci,drive={id}")]);
+    }
+    for (i, (d, serial)) in cfg.data_disks.iter().enumerate() {
+        let id = format!("v{i}");
+        push(&[
+            "-drive",
+            &format!("file={},if=none,id={id},format=raw,discard=unmap", esc(d)),
+        ]);
+        push(&[
+            "-device",
+            &format!("virtio-blk-pci,drive={id},serial={}", esc(serial)),
+        ]);
     }
     if cfg.network {
         // restrict=on: the guest can reach no host and no other address. Forwards only from

@@ -69,6 +69,7 @@ pub fn render(
         join: Vec::new(),
         reload_after_firstboot: vec![],
         ncimage_version: env!("CARGO_PKG_VERSION").into(),
+        volumes: Vec::new(),
     };
     let fb_ctx = firstboot::context(&node, &info);
     let mut out = Vec::new();

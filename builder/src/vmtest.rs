@@ -136,6 +136,7 @@ pub fn run(o: &Options) -> Result<Report> {
         tpm: (o.policy.tpm2 && crate::tools::which("swtpm").is_some())
             .then(|| work.path().join("tpm")),
         guest_services: Vec::new(),
+        data_disks: data_disks(&merged.volumes, work.path())?,
     })?;
     let deadline = start + o.timeout;
     let left = || deadline.saturating_duration_since(Instant::now());
@@ -264,6 +265,22 @@ pub fn run(o: &Options) -> Result<Report> {
         results,
         analyze,
     })
+}
+
+/// A sparse raw disk in `dir` per data volume of the role (serial `ncimage-<name>`).
+pub fn data_disks(volumes: &[layer::VolumeDecl], dir: &Path) -> Result<Vec<(PathBuf, String)>> {
+    let mut v = Vec::new();
+    for vol in volumes {
+        let p = dir.join(format!("volume-{}.raw", vol.name));
+        if !p.exists() {
+            std::fs::create_dir_all(dir).map_err(Error::io("creating", dir))?;
+            std::fs::File::create(&p)
+                .and_then(|f| f.set_len(vol.size.0))
+                .map_err(Error::io("creating", &p))?;
+        }
+        v.push((p, crate::volume::serial(vol)));
+    }
+    Ok(v)
 }
 
 /// A port no layer declares (the traffic test listens there in the guest).
@@ -489,6 +506,7 @@ mod tests {
                 join: Vec::new(),
                 reload_after_firstboot: vec![],
                 ncimage_version: String::new(),
+                volumes: Vec::new(),
             };
             let ctx = firstboot::context(&cfg, &info);
             let mut n = 0;

@@ -693,7 +693,10 @@ mod enc {
         pub dir: PathBuf,
         pub seed: PathBuf,
         pub recovery: String,
+        pub secrets: std::collections::BTreeMap<String, String>,
         pub disk: PathBuf,
+        /// The role's data volumes (kept across boots).
+        pub data_disks: Vec<(PathBuf, String)>,
         boots: u32,
     }
 
@@ -711,7 +714,7 @@ mod enc {
             .insert(rekey::RECOVERY_SECRET.into(), recovery.clone());
         let cfg = NodeConfig {
             node: ncimage::vmtest::test_node(ROLE, &merged),
-            secrets: secrets.0,
+            secrets: secrets.0.clone(),
             cluster: serde_json::Value::Null,
             encryption: NodeEncryption { policy },
         };
@@ -720,7 +723,10 @@ mod enc {
             .write_vfat(&seed)
             .unwrap();
         let disk = ncimage::vmtest::image_disk(image(), ROLE).unwrap();
+        let data_disks = ncimage::vmtest::data_disks(&merged.volumes, &dir).unwrap();
         Machine {
+            data_disks,
+            secrets: secrets.0,
             name: name.into(),
             dir,
             seed,
@@ -756,6 +762,7 @@ mod enc {
                         )]
                     })
                     .unwrap_or_default(),
+                data_disks: self.data_disks.clone(),
             })
             .unwrap();
             self.disk = work.join("overlay.qcow2");
@@ -797,6 +804,23 @@ mod enc {
                 vm.serial_tail(40)
             );
         }
+    }
+
+    /// Until ncimage-rekey.service has finished (it does not hold up the boot); its status line.
+    pub fn rekeyed(vm: &Vm, timeout: Duration) -> String {
+        let t = Instant::now();
+        while sh(vm, "systemctl show -P SubState ncimage-rekey.service") == "running" {
+            assert!(
+                t.elapsed() < timeout,
+                "re-keying still running after {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_secs(3));
+        }
+        eprintln!(
+            "re-keyed {:.0} s after the boot was ready",
+            t.elapsed().as_secs_f64()
+        );
+        sh(vm, "ncimage status | head -n1")
     }
 
     /// The root's volume key as dm-crypt holds it (hex).
@@ -978,7 +1002,7 @@ fn first_boot_rekeys_resumes_after_power_loss_and_unlocks_with_tpm2() {
     let vk = {
         let vm = m.boot(true, None);
         let secs = ready(&vm, Duration::from_secs(1200));
-        let status = sh(&vm, "ncimage status | head -n1");
+        let status = rekeyed(&vm, Duration::from_secs(1200));
         eprintln!("resumed boot ready after {secs:.0} s: {status}");
         assert!(
             status.contains("own volume key")
@@ -992,6 +1016,16 @@ fn first_boot_rekeys_resumes_after_power_loss_and_unlocks_with_tpm2() {
             &vm,
             &format!("printf '%s\\n' {canary} > /root/canary && sync"),
         );
+        // The same canary in the redis data volume (AOF), through the service.
+        let pw = &m.secrets["redis_sessions_password"];
+        assert_eq!(
+            sh(&vm, &format!("REDISCLI_AUTH='{pw}' redis-cli -h 10.0.2.15 -p 6379 set enc-canary {canary}; sleep 2; sync")),
+            "OK"
+        );
+        assert_eq!(
+            sh(&vm, "findmnt -no SOURCE /var/lib/redis"),
+            "/dev/mapper/data-redis"
+        );
         vm.shutdown(Duration::from_secs(120)).unwrap();
         vk
     };
@@ -1000,6 +1034,16 @@ fn first_boot_rekeys_resumes_after_power_loss_and_unlocks_with_tpm2() {
         let vm = m.boot(true, None);
         vm.wait_agent(Duration::from_secs(600)).unwrap();
         assert_eq!(sh(&vm, "cat /root/canary"), canary);
+        // The data volume reopened (its key file is on the root) and redis found its data.
+        ready(&vm, Duration::from_secs(900));
+        let pw = &m.secrets["redis_sessions_password"];
+        assert_eq!(
+            sh(
+                &vm,
+                &format!("REDISCLI_AUTH='{pw}' redis-cli -h 10.0.2.15 -p 6379 get enc-canary")
+            ),
+            canary
+        );
         assert_eq!(volume_key(&vm), vk);
         assert_eq!(sh(&vm, "systemctl is-enabled ncimage-rekey.service; test -e /etc/ncimage/keys/enroll.key && echo key || echo nokey"), "enabled\nnokey");
         vm.shutdown(Duration::from_secs(120)).unwrap();
@@ -1018,6 +1062,17 @@ fn first_boot_rekeys_resumes_after_power_loss_and_unlocks_with_tpm2() {
         b"0000-0000-0000-0000-0000-0000-0000-0000",
         &work
     ));
+    for (d, _) in &m.data_disks {
+        assert!(
+            !file_contains(d, canary.as_bytes()),
+            "the canary is in the data disk {} in plaintext",
+            d.display()
+        );
+        assert!(
+            !file_contains(d, b"enc-canary"),
+            "the redis key name is in the data disk in plaintext"
+        );
+    }
     assert!(
         !disk_contains(&m.disk, canary.as_bytes(), &work),
         "the canary is in the raw disk in plaintext"
@@ -1054,7 +1109,7 @@ fn a_second_machine_gets_its_own_key_unlocks_with_tang_and_at_the_console() {
     let vk = {
         let vm = m.boot(false, Some(&keys_dir));
         let secs = ready(&vm, Duration::from_secs(1200));
-        let status = sh(&vm, "ncimage status | head -n1");
+        let status = rekeyed(&vm, Duration::from_secs(1200));
         eprintln!("first boot ready after {secs:.0} s: {status}");
         assert!(status.contains("unlock: tang + recovery key"), "{status}");
         let vk = volume_key(&vm);
