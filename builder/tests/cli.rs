@@ -467,3 +467,60 @@ fn seeds_carry_the_node_and_only_its_roles_secrets() {
         &["no node named `web-1`", "app-1"],
     );
 }
+
+#[test]
+fn a_bad_unlock_policy_is_refused_with_where_and_what_to_do() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(
+        d.path().join("enc.toml"),
+        "[encryption]\ntpm2 = true\nthreshold = 2\n",
+    )
+    .unwrap();
+    let out = ncimage(
+        &["build", "--role", "redis", "--spec", "enc.toml"],
+        d.path(),
+    );
+    fails_with(
+        &out,
+        &[
+            "enc.toml",
+            "[encryption]",
+            "threshold = 2",
+            "set threshold between 1 and 1",
+        ],
+    );
+    no_artifacts(d.path());
+    std::fs::write(
+        d.path().join("enc2.toml"),
+        "[roles.db.encryption]\ntang = [{ url = \"10.0.0.5:7500\" }]\n",
+    )
+    .unwrap();
+    let out = ncimage(
+        &["build", "--role", "redis", "--spec", "enc2.toml"],
+        d.path(),
+    );
+    fails_with(&out, &["[roles.db.encryption]", "not an http(s) URL"]);
+    std::fs::write(
+        d.path().join("enc3.toml"),
+        "[encryption]\non_missing_tpm2 = \"maybe\"\n",
+    )
+    .unwrap();
+    let out = ncimage(
+        &["build", "--role", "redis", "--spec", "enc3.toml"],
+        d.path(),
+    );
+    fails_with(&out, &["enc3.toml:2:"]);
+}
+
+#[test]
+fn inspect_refuses_what_is_not_an_image() {
+    let d = tempfile::tempdir().unwrap();
+    let out = ncimage(&["inspect", "nothing.qcow2"], d.path());
+    fails_with(&out, &["nothing.qcow2 does not exist"]);
+    std::fs::write(d.path().join("junk.raw"), vec![0u8; 64 << 10]).unwrap();
+    let out = ncimage(&["inspect", "junk.raw"], d.path());
+    fails_with(&out, &["not a GPT disk"]);
+    std::fs::create_dir(d.path().join("empty")).unwrap();
+    let out = ncimage(&["inspect", "empty"], d.path());
+    fails_with(&out, &["holds no ncimage-*.qcow2 or .raw"]);
+}

@@ -806,6 +806,29 @@ mod enc {
         }
     }
 
+    /// A figure for the CI log and `just bench` (scripts/test and scripts/bench print the file).
+    pub fn figure(line: &str) {
+        use std::io::Write;
+        eprintln!("{line}");
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(scratch().join("figures.txt"))
+            .and_then(|mut f| writeln!(f, "{line}"));
+    }
+
+    /// Seconds from kernel start until the root file system was mounted (the initramfs has
+    /// unlocked it by then), from the kernel log.
+    pub fn unlock_figure(vm: &Vm, how: &str) {
+        let t = sh(
+            vm,
+            "journalctl -b -k -o short-monotonic --no-pager | grep -m1 'EXT4-fs (dm-0): mounted' | sed 's/^\\[ *\\([0-9.]*\\)\\].*/\\1/'",
+        );
+        figure(&format!(
+            "encryption: root unlocked {t:>8} s after kernel start ({how})"
+        ));
+    }
+
     /// Until ncimage-rekey.service has finished (it does not hold up the boot); its status line.
     pub fn rekeyed(vm: &Vm, timeout: Duration) -> String {
         let t = Instant::now();
@@ -1004,6 +1027,11 @@ fn first_boot_rekeys_resumes_after_power_loss_and_unlocks_with_tpm2() {
         let secs = ready(&vm, Duration::from_secs(1200));
         let status = rekeyed(&vm, Duration::from_secs(1200));
         eprintln!("resumed boot ready after {secs:.0} s: {status}");
+        unlock_figure(&vm, "enrollment key, re-encryption interrupted");
+        figure(&format!(
+            "encryption: resumed re-encryption took {} s",
+            sh(&vm, "jq .reencrypt_seconds /var/lib/ncimage/rekey.json")
+        ));
         assert!(
             status.contains("own volume key")
                 && status.contains("resumed 1x")
@@ -1034,6 +1062,7 @@ fn first_boot_rekeys_resumes_after_power_loss_and_unlocks_with_tpm2() {
         let vm = m.boot(true, None);
         vm.wait_agent(Duration::from_secs(600)).unwrap();
         assert_eq!(sh(&vm, "cat /root/canary"), canary);
+        unlock_figure(&vm, "tpm2 (swtpm)");
         // The data volume reopened (its key file is on the root) and redis found its data.
         ready(&vm, Duration::from_secs(900));
         let pw = &m.secrets["redis_sessions_password"];
@@ -1111,6 +1140,13 @@ fn a_second_machine_gets_its_own_key_unlocks_with_tang_and_at_the_console() {
         let secs = ready(&vm, Duration::from_secs(1200));
         let status = rekeyed(&vm, Duration::from_secs(1200));
         eprintln!("first boot ready after {secs:.0} s: {status}");
+        unlock_figure(&vm, "enrollment key, first boot");
+        figure(&format!(
+            "encryption: first-boot re-encryption of the {} root took {} s ({})",
+            sh(&vm, "lsblk -dno SIZE /dev/mapper/root"),
+            sh(&vm, "jq .reencrypt_seconds /var/lib/ncimage/rekey.json"),
+            sh(&vm, "cryptsetup luksDump $(cryptsetup status root | awk '/device:/ { print $2 }') | awk '/PBKDF:/ { p = $2 } /Time cost:/ { t = $3 } /Memory:/ { m = $2 } /Threads:/ { printf \"%s%s %s KiB %s iter %s lane\", sep, p, m, t, $2; sep = \"; \" }'")
+        ));
         assert!(status.contains("unlock: tang + recovery key"), "{status}");
         let vk = volume_key(&vm);
         vm.shutdown(Duration::from_secs(120)).unwrap();
@@ -1125,6 +1161,7 @@ fn a_second_machine_gets_its_own_key_unlocks_with_tang_and_at_the_console() {
         let vm = m.boot(false, Some(&keys_dir));
         vm.wait_agent(Duration::from_secs(600)).unwrap();
         assert_eq!(volume_key(&vm), vk);
+        unlock_figure(&vm, "tang (tangd in the guest network)");
         vm.shutdown(Duration::from_secs(120)).unwrap();
     }
     {
@@ -1138,10 +1175,15 @@ fn a_second_machine_gets_its_own_key_unlocks_with_tang_and_at_the_console() {
             .unwrap();
         wait_count(&vm, prompt, 2, Duration::from_secs(300));
         assert!(vm.wait_agent(Duration::from_secs(1)).is_err());
+        let typed = Instant::now();
         vm.type_serial(format!("{}\n", m.recovery).as_bytes())
             .unwrap();
         vm.wait_agent(Duration::from_secs(600)).unwrap();
         assert_eq!(volume_key(&vm), vk);
+        figure(&format!(
+            "encryption: recovery key typed at the console: guest agent up {:.0} s later",
+            typed.elapsed().as_secs_f64()
+        ));
         let log = std::fs::read_to_string(vm.serial_log()).unwrap_or_default();
         assert!(
             !log.contains(&m.recovery),
