@@ -505,7 +505,12 @@ pub fn run(o: &Options) -> Result<Status> {
         } else {
             st.state = State::Reencrypting;
             write_status(&o.root, &st)?;
-            c.args(["--resilience", "checksum"]).args(&o.pbkdf);
+            // A small hot zone: after a power loss the initramfs recovers (re-hashes and
+            // rewrites) at most this much before the root opens; under TCG the default
+            // (as large as the checksum area allows: ~256 MiB with 512-byte sectors) kept a
+            // resumed boot in the initramfs for minutes.
+            c.args(["--resilience", "checksum", "--hotzone-size", "16M"])
+                .args(&o.pbkdf);
         }
         c.arg(&dev);
         if let Err(e) = tools::run(&mut c) {
@@ -536,13 +541,20 @@ pub fn run(o: &Options) -> Result<Status> {
         std::thread::sleep(Duration::from_secs(1));
     }
     let node: crate::firstboot::NodeConfig = {
-        let text = std::fs::read_to_string(&node_json).map_err(Error::io("reading", &node_json))?;
-        serde_json::from_str(&text).map_err(|e| {
-            Error::invalid(
-                format!("{}: {e}", node_json.display()),
-                "regenerate the node's seed",
-            )
-        })?
+        let text = std::fs::read_to_string(&node_json).unwrap_or_default();
+        match serde_json::from_str(&text) {
+            Ok(n) => n,
+            Err(e) => {
+                return fail(
+                    o,
+                    st,
+                    format!(
+                        "{} is unreadable ({e}): no recovery key to add (a power loss before cloud-init's write reached the disk empties it)",
+                        node_json.display()
+                    ),
+                )
+            }
+        }
     };
     let Some(recovery) = node.secrets.get(RECOVERY_SECRET).cloned() else {
         return fail(

@@ -166,6 +166,9 @@ fn make(
             .arg("--key-file")
             .arg(&key)
             .arg(&dev))?;
+    }
+    // The recovery key as a second keyslot (also after a power loss between the two).
+    {
         let rec = root
             .join("run/ncimage")
             .join(format!("{}.recovery", v.name));
@@ -179,13 +182,24 @@ fn make(
             .open(&rec)
             .and_then(|mut f| f.write_all(recovery.trim().as_bytes()))
             .map_err(Error::io("writing", &rec))?;
-        let r = run(Command::new("cryptsetup")
-            .args(["luksAddKey", "--batch-mode"])
-            .args(pbkdf)
-            .arg("--key-file")
-            .arg(&key)
+        let has_recovery = Command::new("cryptsetup")
+            .args(["open", "--test-passphrase", "--key-file"])
+            .arg(&rec)
             .arg(&dev)
-            .arg(&rec));
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        let r = if has_recovery {
+            Ok(String::new())
+        } else {
+            run(Command::new("cryptsetup")
+                .args(["luksAddKey", "--batch-mode"])
+                .args(pbkdf)
+                .arg("--key-file")
+                .arg(&key)
+                .arg(&dev)
+                .arg(&rec))
+        };
         let _ = std::fs::remove_file(&rec);
         r?;
     }

@@ -999,7 +999,19 @@ fn first_boot_rekeys_resumes_after_power_loss_and_unlocks_with_tpm2() {
             );
             std::thread::sleep(Duration::from_secs(2));
         }
-        std::thread::sleep(Duration::from_secs(10));
+        // cloud-init has written the seed (node.json) and it is on the disk: a power loss
+        // before that empties the file (ext4 delayed allocation), which is not this test's
+        // subject.
+        let t = Instant::now();
+        while sh(
+            &vm,
+            "test -s /etc/ncimage/node.json && sync && echo ok || echo no",
+        ) != "ok"
+        {
+            assert!(t.elapsed() < Duration::from_secs(300), "no seed");
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        std::thread::sleep(Duration::from_secs(5));
         eprintln!(
             "power cut during re-encryption ({:.0} s)",
             t0.elapsed().as_secs_f64()
