@@ -846,6 +846,43 @@ mod enc {
         sh(vm, "ncimage status | head -n1")
     }
 
+    /// Records (a digest of) this machine's volume key for the other encryption test and
+    /// asserts that no machine recorded before (from the same image) has the same one.
+    pub fn volume_key_is_new(name: &str, vk: &str) {
+        let out = Command::new("sha256sum")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().unwrap().write_all(vk.as_bytes())?;
+                c.wait_with_output()
+            })
+            .unwrap();
+        let digest = String::from_utf8(out.stdout).unwrap();
+        let vk = digest.split_whitespace().next().unwrap();
+        let f = scratch().join("enc-volume-key-digests.txt");
+        let before = std::fs::read_to_string(&f).unwrap_or_default();
+        for l in before.lines() {
+            let (other, key) = l.split_once(' ').unwrap();
+            if other != name {
+                assert_ne!(
+                    key, vk,
+                    "machines {other} and {name} from one image share a volume key"
+                );
+                figure(&format!(
+                    "encryption: volume keys of machines {other} and {name} differ"
+                ));
+            }
+        }
+        let kept: String = before
+            .lines()
+            .filter(|l| !l.starts_with(&format!("{name} ")))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&f, format!("{kept}{name} {vk}\n")).unwrap();
+    }
+
     /// The root's volume key as dm-crypt holds it (hex).
     pub fn volume_key(vm: &Vm) -> String {
         sh(vm, "dmsetup table --showkeys root | awk '{ print $5 }'")
@@ -1118,8 +1155,7 @@ fn first_boot_rekeys_resumes_after_power_loss_and_unlocks_with_tpm2() {
         !disk_contains(&m.disk, canary.as_bytes(), &work),
         "the canary is in the raw disk in plaintext"
     );
-    let vk_file = scratch().join("enc-volume-keys.txt");
-    std::fs::write(&vk_file, format!("tpm {vk}\n")).unwrap();
+    volume_key_is_new("tpm", &vk);
     eprintln!(
         "tpm2 machine: whole test {:.0} s",
         t0.elapsed().as_secs_f64()
@@ -1165,10 +1201,7 @@ fn a_second_machine_gets_its_own_key_unlocks_with_tang_and_at_the_console() {
         vk
     };
     assert_eq!(vk.len(), 128);
-    if let Ok(other) = std::fs::read_to_string(scratch().join("enc-volume-keys.txt")) {
-        let first = other.split_whitespace().nth(1).unwrap();
-        assert_ne!(first, vk, "two machines from one image share a volume key");
-    }
+    volume_key_is_new("tang", &vk);
     {
         let vm = m.boot(false, Some(&keys_dir));
         vm.wait_agent(Duration::from_secs(600)).unwrap();
