@@ -26,6 +26,7 @@ pub mod seed;
 pub mod spec;
 pub mod template;
 pub mod tools;
+pub mod upload;
 pub mod validate;
 pub mod vmtest;
 

@@ -107,6 +107,41 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Upload a built image to S3-compatible storage or a cloud (README.md: Uploading).
+    Upload {
+        /// Folder of the built image (manifest.json); default: out/<role>.
+        #[arg(required_unless_present = "role", conflicts_with = "role")]
+        image_dir: Option<PathBuf>,
+        #[arg(long)]
+        role: Option<String>,
+        /// A target of the targets file, or s3://bucket[/prefix].
+        #[arg(long)]
+        to: String,
+        /// Targets file; default: ~/.config/ncimage/targets.toml.
+        #[arg(long)]
+        targets: Option<PathBuf>,
+        /// Object storage endpoint (overrides the target's), e.g. http://127.0.0.1:9000.
+        #[arg(long)]
+        endpoint: Option<String>,
+        #[arg(long)]
+        region: Option<String>,
+        /// Path-style addressing (endpoint/bucket/key).
+        #[arg(long)]
+        path_style: bool,
+        /// Artifact to upload: raw, qcow2, vhd, vmdk, tar.gz (default: the provider's choice).
+        #[arg(long)]
+        format: Option<String>,
+        /// Profile of ~/.aws/credentials.
+        #[arg(long)]
+        profile: Option<String>,
+        #[arg(long)]
+        part_size_mib: Option<u64>,
+        /// Parts sent at once.
+        #[arg(long)]
+        threads: Option<usize>,
+        #[arg(short, long)]
+        quiet: bool,
+    },
     /// In the guest: run this node's join steps (run by ncimage-join.service after first boot).
     Join {
         #[arg(long, default_value = "/")]
@@ -356,6 +391,43 @@ fn run(cli: Cli) -> ncimage::Result<()> {
             for f in ncimage::render::render(&project, &spec, &role, node.as_deref())? {
                 println!("==> {} ({}, from {})", f.path, f.phase, f.source);
                 println!("{}", f.text.trim_end());
+            }
+            Ok(())
+        }
+        Cmd::Upload {
+            image_dir,
+            role,
+            to,
+            targets,
+            endpoint,
+            region,
+            path_style,
+            format,
+            profile,
+            part_size_mib,
+            threads,
+            quiet,
+        } => {
+            let image_dir = image_dir
+                .unwrap_or_else(|| PathBuf::from("out").join(role.as_deref().unwrap_or_default()));
+            let report = ncimage::upload::run(&ncimage::upload::Options {
+                image_dir,
+                to,
+                targets_file: targets,
+                overrides: ncimage::upload::target::Overrides {
+                    endpoint,
+                    region,
+                    path_style,
+                    format,
+                    part_size_mib,
+                    threads,
+                    profile,
+                },
+                quiet,
+                state_dir: ncimage::upload::default_state_dir(),
+            })?;
+            for line in report.lines {
+                println!("{line}");
             }
             Ok(())
         }

@@ -1,0 +1,251 @@
+//! `ncimage upload`: one artifact of a built image (out/<role>/, listed with its sha256 in
+//! manifest.json) to a target: S3-compatible object storage, then, for a cloud, the calls that
+//! turn the object into an image. Providers: upload/<provider>.rs.
+
+pub mod credentials;
+pub mod http;
+pub mod multipart;
+pub mod s3;
+pub mod sigv4;
+pub mod target;
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use target::{Overrides, Provider, Target};
+
+pub struct Options {
+    /// Folder of the built image (manifest.json and the artifacts).
+    pub image_dir: PathBuf,
+    /// `--to`: a target name or s3://bucket[/prefix].
+    pub to: String,
+    pub targets_file: Option<PathBuf>,
+    pub overrides: Overrides,
+    pub quiet: bool,
+    /// Resume state (default ~/.cache/ncimage/uploads).
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ManifestArtifact {
+    pub file: String,
+    pub format: String,
+    pub size_bytes: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct Manifest {
+    role: String,
+    artifacts: Vec<ManifestArtifact>,
+}
+
+/// What an upload did (printed by the CLI).
+#[derive(Debug)]
+pub struct Report {
+    pub lines: Vec<String>,
+}
+
+pub fn default_state_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/var/tmp"))
+        .join("ncimage/uploads")
+}
+
+/// The role and artifacts of a built image folder.
+pub fn read_manifest(dir: &Path) -> Result<(String, Vec<ManifestArtifact>)> {
+    let path = dir.join("manifest.json");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::upload(
+            format!("{} has no manifest.json", dir.display()),
+            "build the image first (ncimage build --role R), or name the folder of a built image",
+        )),
+        Err(e) => return Err(Error::io("reading", &path)(e)),
+    };
+    let m: Manifest = serde_json::from_str(&text).map_err(|e| {
+        Error::upload(
+            format!("{}: not an ncimage manifest: {e}", path.display()),
+            "build the image again",
+        )
+    })?;
+    Ok((m.role, m.artifacts))
+}
+
+/// The artifact of `format` (or the provider's preferred one present).
+pub fn choose_artifact(
+    artifacts: &[ManifestArtifact],
+    provider: Provider,
+    format: Option<&str>,
+) -> Result<ManifestArtifact> {
+    let matches = |a: &ManifestArtifact, f: &str| {
+        a.format == f || a.file.ends_with(&format!(".{f}")) || (f == "tar.gz" && a.format == "gce")
+    };
+    let present: Vec<String> = artifacts.iter().map(|a| a.file.clone()).collect();
+    if let Some(f) = format {
+        if !provider.formats().contains(&f) {
+            return Err(Error::upload(
+                format!("{} does not take {f} images", provider.name()),
+                format!("use one of: {}", provider.formats().join(", ")),
+            ));
+        }
+        return artifacts
+            .iter()
+            .find(|a| matches(a, f))
+            .cloned()
+            .ok_or_else(|| {
+                Error::upload(
+                    format!(
+                        "the image has no {f} artifact (it has: {})",
+                        present.join(", ")
+                    ),
+                    format!("build or export it in {f} first"),
+                )
+            });
+    }
+    provider
+        .formats()
+        .iter()
+        .find_map(|f| artifacts.iter().find(|a| matches(a, f)))
+        .cloned()
+        .ok_or_else(|| {
+            Error::upload(
+                format!(
+                    "the image has no artifact {} takes (it has: {})",
+                    provider.name(),
+                    present.join(", ")
+                ),
+                format!(
+                    "build or export it as one of: {}",
+                    provider.formats().join(", ")
+                ),
+            )
+        })
+}
+
+pub fn run(o: &Options) -> Result<Report> {
+    let (name, t) = target::resolve(&o.to, o.targets_file.as_deref(), &o.overrides)?;
+    let (role, artifacts) = read_manifest(&o.image_dir)?;
+    let a = choose_artifact(&artifacts, t.provider, t.format.as_deref())?;
+    let file = o.image_dir.join(&a.file);
+    let meta = std::fs::metadata(&file).map_err(Error::io("reading", &file))?;
+    if meta.len() != a.size_bytes {
+        return Err(Error::upload(
+            format!(
+                "{} is {} bytes, but its manifest says {}",
+                file.display(),
+                meta.len(),
+                a.size_bytes
+            ),
+            "the file changed after it was built: build or export the image again",
+        ));
+    }
+    let limit = t
+        .max_size_gib
+        .map(|g| g << 30)
+        .into_iter()
+        .chain(t.provider.max_size())
+        .min();
+    if let Some(limit) = limit {
+        if a.size_bytes > limit {
+            return Err(Error::upload(
+                format!(
+                    "{} is {:.1} GiB, larger than target `{name}` takes ({:.1} GiB)",
+                    a.file,
+                    a.size_bytes as f64 / (1u64 << 30) as f64,
+                    limit as f64 / (1u64 << 30) as f64
+                ),
+                "use a smaller disk in the spec, or a compressed format (qcow2) where the \
+                 provider takes one",
+            ));
+        }
+    }
+    match t.provider {
+        Provider::S3 => {
+            let (_, key, lines) = upload_object(&name, &t, &o.image_dir, &a, o)?;
+            let _ = key;
+            Ok(Report { lines })
+        }
+        other => Err(Error::upload(
+            format!(
+                "provider `{}` (target `{name}`, role {role}) is not implemented yet",
+                other.name()
+            ),
+            "upload to its object storage with provider = \"s3\" and create the image by hand",
+        )),
+    }
+}
+
+/// The S3 part every object-storage target shares: returns the bucket, the key and report lines.
+pub fn upload_object(
+    name: &str,
+    t: &Target,
+    dir: &Path,
+    a: &ManifestArtifact,
+    o: &Options,
+) -> Result<(s3::Bucket, String, Vec<String>)> {
+    let bucket_name = t.need(name, "bucket", &t.bucket)?;
+    let region = t.region.clone().unwrap_or_else(|| "us-east-1".into());
+    let creds = credentials::AwsCredentials::load(t.profile.as_deref())?;
+    let bucket = s3::Bucket::new(
+        t.endpoint.as_deref(),
+        bucket_name,
+        &region,
+        t.path_style,
+        creds,
+    )?;
+    bucket.head_bucket()?;
+    let prefix = t.prefix.clone().unwrap_or_default();
+    let key = if prefix.is_empty() || prefix.ends_with('/') {
+        format!("{prefix}{}", a.file)
+    } else {
+        format!("{prefix}/{}", a.file)
+    };
+    let job = multipart::Job {
+        bucket: &bucket,
+        key: key.clone(),
+        file: dir.join(&a.file),
+        size: a.size_bytes,
+        sha256: a.sha256.clone(),
+        part_size: t.part_size_mib.unwrap_or(16) << 20,
+        threads: t.threads.unwrap_or(4).clamp(1, 32),
+        checksums: t.checksum_sha256.unwrap_or(true),
+        quiet: o.quiet,
+        state_dir: o.state_dir.clone(),
+    };
+    let out = multipart::upload(&job)?;
+    let place = format!("s3://{}/{key}", bucket.name);
+    let mut lines = vec![];
+    if out.already_there {
+        lines.push(format!(
+            "{place} already holds {} (same size and sha256): nothing sent",
+            a.file
+        ));
+    } else {
+        lines.push(format!(
+            "uploaded {} to {place} ({} at {}): {} parts{}, {:.0} MiB sent in {:.1} s ({:.1} MiB/s)",
+            a.file,
+            bucket.endpoint,
+            bucket.region,
+            out.parts,
+            if out.resumed_parts > 0 {
+                format!(" ({} already there from an interrupted upload)", out.resumed_parts)
+            } else {
+                String::new()
+            },
+            out.sent_bytes as f64 / (1 << 20) as f64,
+            out.secs,
+            out.sent_bytes as f64 / (1 << 20) as f64 / out.secs.max(0.001)
+        ));
+        lines.push(format!(
+            "verified: sha256 {} of every byte read matches the manifest; the object's size and \
+             multipart ETag {} match the parts' MD5s",
+            a.sha256, out.etag
+        ));
+    }
+    Ok((bucket, key, lines))
+}
