@@ -194,11 +194,14 @@ pub fn upload(job: &Job) -> Result<Outcome> {
     );
     bar.set_prefix(format!("upload {place}"));
     if !existing.is_empty() {
-        bar.println(format!(
-            "resuming upload {}: the server holds {} of {nparts} parts",
-            short(&upload_id),
-            existing.len()
-        ));
+        say(
+            &bar,
+            format!(
+                "resuming upload {}: the server holds {} of {nparts} parts",
+                short(&upload_id),
+                existing.len()
+            ),
+        );
     }
 
     let done: Mutex<BTreeMap<u32, Done>> = Mutex::new(BTreeMap::new());
@@ -411,7 +414,7 @@ fn send_part(job: &Job, upload_id: &str, p: &Part, bar: &ProgressBar) -> Result<
         ) {
             Ok(r) => r,
             Err(e) => {
-                bar.println(format!("part {}: {e}; sending it again", p.number));
+                say(bar, format!("part {}: {e}; sending it again", p.number));
                 last = Some(e);
                 continue;
             }
@@ -427,7 +430,7 @@ fn send_part(job: &Job, upload_id: &str, p: &Part, bar: &ProgressBar) -> Result<
                  (corrupted on the way)",
                 p.number
             );
-            bar.println(format!("{msg}; sending it again"));
+            say(bar, format!("{msg}; sending it again"));
             last = Some(Error::upload(msg, "check the network path to the server"));
             continue;
         }
@@ -443,10 +446,19 @@ fn send_part(job: &Job, upload_id: &str, p: &Part, bar: &ProgressBar) -> Result<
         if !transient {
             return Err(e);
         }
-        bar.println(format!("{e}; sending it again"));
+        say(bar, format!("{e}; sending it again"));
         last = Some(e);
     }
     Err(last.expect("an attempt"))
+}
+
+/// A line above the bar, or on stderr when the bar is hidden (not a terminal, --quiet).
+fn say(bar: &ProgressBar, msg: String) {
+    if bar.is_hidden() {
+        eprintln!("{msg}");
+    } else {
+        bar.println(msg);
+    }
 }
 
 fn short(id: &str) -> String {
