@@ -2,9 +2,12 @@
 //! manifest.json) to a target: S3-compatible object storage, then, for a cloud, the calls that
 //! turn the object into an image. Providers: upload/<provider>.rs.
 
+pub mod aws;
 pub mod credentials;
+pub mod digitalocean;
 pub mod http;
 pub mod multipart;
+pub mod openstack;
 pub mod s3;
 pub mod sigv4;
 pub mod target;
@@ -164,20 +167,109 @@ pub fn run(o: &Options) -> Result<Report> {
             ));
         }
     }
+    let image_name = t
+        .image_name
+        .clone()
+        .unwrap_or_else(|| "ncimage-{role}-{sha12}".into())
+        .replace("{role}", &role)
+        .replace("{sha12}", &a.sha256[..12]);
+    let say = |m: String| eprintln!("{m}");
+    let format = artifact_format(&a, t.provider);
     match t.provider {
         Provider::S3 => {
-            let (_, key, lines) = upload_object(&name, &t, &o.image_dir, &a, o)?;
-            let _ = key;
+            let (_, _, lines) = upload_object(&name, &t, &o.image_dir, &a, o)?;
             Ok(Report { lines })
+        }
+        Provider::Aws => {
+            let (bucket, key, mut lines) = upload_object(&name, &t, &o.image_dir, &a, o)?;
+            let r = aws::import_and_register(
+                &name,
+                &t,
+                bucket.credentials().clone(),
+                &bucket.name,
+                &key,
+                &format,
+                &image_name,
+                &a.sha256,
+                &say,
+            )?;
+            lines.push(format!(
+                "AWS image {} ({image_name}, UEFI) registered from snapshot {} (import task {})",
+                r.image, r.snapshot, r.import_task
+            ));
+            Ok(Report { lines })
+        }
+        Provider::Digitalocean => {
+            // Check the token before spending time on the upload.
+            let token = digitalocean::token()?;
+            let mut t = t.clone();
+            let region = t.need(&name, "region", &t.region)?.to_string();
+            if t.endpoint.is_none() {
+                t.endpoint = Some(digitalocean::spaces_endpoint(&region));
+            }
+            let (bucket, key, mut lines) = upload_object(&name, &t, &o.image_dir, &a, o)?;
+            // DigitalOcean fetches the object through a presigned URL (the Space stays private).
+            let url = bucket.presigned_get(&key, 6 * 3600);
+            let c = digitalocean::create_image(
+                &name,
+                &t,
+                &token,
+                &url,
+                &image_name,
+                &role,
+                &a.sha256,
+                &say,
+            )?;
+            lines.push(format!(
+                "DigitalOcean custom image {} ({image_name}) is {} in {region}",
+                c.id, c.status
+            ));
+            Ok(Report { lines })
+        }
+        Provider::Openstack => {
+            let u = openstack::upload(
+                &name,
+                &t,
+                &file,
+                a.size_bytes,
+                &format,
+                &image_name,
+                &role,
+                &a.sha256,
+                o.quiet,
+                &say,
+            )?;
+            Ok(Report {
+                lines: vec![
+                    format!(
+                        "OpenStack image {} ({image_name}, {format}, UEFI) is active",
+                        u.id
+                    ),
+                    format!(
+                        "verified: Glance's sha512 of the stored data matches the file's ({}...)",
+                        &u.sha512[..16]
+                    ),
+                ],
+            })
         }
         other => Err(Error::upload(
             format!(
-                "provider `{}` (target `{name}`, role {role}) is not implemented yet",
+                "provider `{}` (target `{name}`) is not implemented yet",
                 other.name()
             ),
             "upload to its object storage with provider = \"s3\" and create the image by hand",
         )),
     }
+}
+
+/// The format name of an artifact (raw, qcow2, vhd, vmdk, tar.gz).
+fn artifact_format(a: &ManifestArtifact, p: Provider) -> String {
+    p.formats()
+        .iter()
+        .chain(Provider::S3.formats())
+        .find(|f| a.format == **f || a.file.ends_with(&format!(".{f}")))
+        .map(|f| f.to_string())
+        .unwrap_or_else(|| a.format.clone())
 }
 
 /// The S3 part every object-storage target shares: returns the bucket, the key and report lines.

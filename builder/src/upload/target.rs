@@ -79,6 +79,8 @@ pub struct Target {
     pub max_size_gib: Option<u64>,
     /// Minutes to wait for the provider to finish the image (import, processing).
     pub wait_minutes: Option<u64>,
+    /// Seconds between two looks at a provider's progress (default 15).
+    pub poll_seconds: Option<u64>,
     /// aws: EC2 API endpoint (default https://ec2.<region>.amazonaws.com).
     pub ec2_endpoint: Option<String>,
     /// aws: the VM Import service role (default vmimport).
@@ -110,6 +112,7 @@ impl Target {
             image_name: None,
             max_size_gib: None,
             wait_minutes: None,
+            poll_seconds: None,
             ec2_endpoint: None,
             import_role: None,
             api_endpoint: None,
