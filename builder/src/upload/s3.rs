@@ -189,7 +189,11 @@ impl Bucket {
     pub fn error(&self, what: &str, key: &str, r: &Reply) -> Error {
         let code = http::xml_text(&r.body, "Code").unwrap_or_default();
         let message = http::xml_text(&r.body, "Message").unwrap_or_default();
-        let place = format!("s3://{}/{key} at {}", self.name, self.endpoint);
+        let place = if key.is_empty() {
+            format!("bucket `{}` at {}", self.name, self.endpoint)
+        } else {
+            format!("s3://{}/{key} at {}", self.name, self.endpoint)
+        };
         match (r.status, code.as_str()) {
             (404, "NoSuchBucket") | (404, "") if key.is_empty() || code == "NoSuchBucket" => {
                 Error::upload(
@@ -201,7 +205,7 @@ impl Bucket {
             | "ExpiredToken")
             | (401 | 403, _) => Error::upload(
                 format!(
-                    "{what} {place}: the server refused the credentials from {} ({} {code}{})",
+                    "{what} {place}: the server refused the credentials from {} (HTTP {} {code}{})",
                     self.creds.source,
                     r.status,
                     if message.is_empty() { String::new() } else { format!(": {message}") }
