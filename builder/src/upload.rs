@@ -5,6 +5,7 @@
 pub mod aws;
 pub mod credentials;
 pub mod digitalocean;
+pub mod gcp;
 pub mod http;
 pub mod multipart;
 pub mod openstack;
@@ -250,6 +251,25 @@ pub fn run(o: &Options) -> Result<Report> {
                         &u.sha512[..16]
                     ),
                 ],
+            })
+        }
+        Provider::Gcp => {
+            let g = gcp::upload_and_insert(
+                &name,
+                &t,
+                &file,
+                a.size_bytes,
+                &a.sha256,
+                &image_name,
+                o.quiet,
+                &o.state_dir,
+                &say,
+            )?;
+            Ok(Report {
+                lines: vec![format!(
+                    "GCP image {} (UEFI_COMPATIBLE) created from {}",
+                    g.image, g.object
+                )],
             })
         }
         other => Err(Error::upload(

@@ -1341,3 +1341,246 @@ fn openstack_without_credentials_names_the_variables() {
     );
     fails_with(&out, &["no OpenStack credentials", "OS_USERNAME", "openrc"]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// gcp: token endpoint, Cloud Storage and Compute on one stand-in
+
+#[test]
+fn gcp_resumable_upload_and_images_insert_match_googles_documented_requests_on_a_local_stand_in() {
+    use base64::Engine;
+    use sha2::Digest;
+    let d = tempfile::tempdir().unwrap();
+    // A service account key made here (openssl), its public half for the stand-in.
+    let key = d.path().join("sa.pem");
+    assert!(Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out"
+        ])
+        .arg(&key)
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let pubder = Command::new("openssl")
+        .args(["rsa", "-RSAPublicKey_out", "-outform", "DER", "-in"])
+        .arg(&key)
+        .output()
+        .unwrap()
+        .stdout;
+    let stored = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let fail_second_chunk = Arc::new(AtomicBool::new(true));
+    let (st, fail) = (stored.clone(), fail_second_chunk.clone());
+    let s = StandIn::start(move |r, _| {
+        let base = format!("http://{}", r.header("host").unwrap());
+        let path = r.path().to_string();
+        match (r.method.as_str(), path.as_str()) {
+            ("POST", "/token") => json(
+                200,
+                serde_json::json!({"access_token": "ya29.test-token", "expires_in": 3599, "token_type": "Bearer"}),
+            ),
+            ("POST", "/upload/storage/v1/b/gbucket/o") => (
+                200,
+                vec![("Location".into(), format!("{base}/session/1"))],
+                vec![],
+            ),
+            ("PUT", "/session/1") => {
+                let range = r.header("content-range").unwrap().to_string();
+                let mut data = st.lock().unwrap();
+                let total: usize = range.rsplit('/').next().unwrap().parse().unwrap();
+                if let Some(span) = range.strip_prefix("bytes ").filter(|s| !s.starts_with('*')) {
+                    let start: usize = span.split('-').next().unwrap().parse().unwrap();
+                    if start > 0 && fail.swap(false, Ordering::SeqCst) {
+                        return (503, vec![], b"backend error".to_vec());
+                    }
+                    assert_eq!(start, data.len(), "chunks are contiguous");
+                    data.extend_from_slice(&r.body);
+                }
+                if data.len() == total {
+                    let md5 =
+                        base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(&*data));
+                    json(
+                        200,
+                        serde_json::json!({"name": "images/ncimage-testrole.tar.gz", "size": total.to_string(), "md5Hash": md5}),
+                    )
+                } else {
+                    (
+                        308,
+                        vec![("Range".into(), format!("bytes=0-{}", data.len() - 1))],
+                        vec![],
+                    )
+                }
+            }
+            ("POST", "/compute/v1/projects/proj-1/global/images") => json(
+                200,
+                serde_json::json!({"name": "operation-1", "status": "RUNNING"}),
+            ),
+            ("GET", "/compute/v1/projects/proj-1/global/operations/operation-1") => json(
+                200,
+                serde_json::json!({"name": "operation-1", "status": "DONE"}),
+            ),
+            _ => json(404, serde_json::json!({"error": {"message": "no route"}})),
+        }
+    });
+    let sa = d.path().join("sa.json");
+    std::fs::write(
+        &sa,
+        serde_json::json!({"type": "service_account", "project_id": "proj-1",
+            "client_email": "builder@proj-1.iam.gserviceaccount.com",
+            "private_key": std::fs::read_to_string(&key).unwrap(),
+            "token_uri": format!("{}/token", s.url())})
+        .to_string(),
+    )
+    .unwrap();
+    let data = random_bytes(20 << 20, 11);
+    let dir = image_dir(d.path(), "ncimage-testrole.tar.gz", "tar.gz", &data);
+    std::fs::write(
+        d.path().join("targets.toml"),
+        format!(
+            "[targets.gcp]\nprovider = \"gcp\"\nbucket = \"gbucket\"\nprefix = \"images\"\n\
+             storage_endpoint = \"{0}\"\ncompute_endpoint = \"{0}\"\npoll_seconds = 0\n",
+            s.url()
+        ),
+    )
+    .unwrap();
+    let run = || {
+        ncimage_cmd(
+            d.path(),
+            &[
+                "upload",
+                dir.to_str().unwrap(),
+                "--to",
+                "gcp",
+                "--targets",
+                d.path().join("targets.toml").to_str().unwrap(),
+            ],
+            false,
+        )
+        .env("GOOGLE_APPLICATION_CREDENTIALS", &sa)
+        .output()
+        .unwrap()
+    };
+    // The second chunk fails: the upload stops and says how to go on.
+    fails_with(&run(), &["HTTP 503", "the same command resumes"]);
+    let out = succeeds(&run());
+    assert!(
+        out.contains("resuming the upload to gs://gbucket/images/ncimage-testrole.tar.gz at 8 MiB"),
+        "{out}"
+    );
+    assert!(out.contains("GCP image ncimage-testrole-"), "{out}");
+    assert!(
+        !out.contains("ya29.test-token") && !out.contains("PRIVATE KEY"),
+        "{out}"
+    );
+    assert_eq!(sha256_hex(&stored.lock().unwrap()), sha256_hex(&data));
+
+    let reqs = s.requests();
+    // OAuth 2.0 for service accounts: a JWT bearer grant, RS256 over header.claims.
+    let tok = reqs.iter().find(|r| r.path() == "/token").unwrap().form();
+    assert_eq!(
+        tok["grant_type"],
+        "urn:ietf:params:oauth:grant-type:jwt-bearer"
+    );
+    let parts: Vec<&str> = tok["assertion"].split('.').collect();
+    let dec = |s: &str| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(s)
+            .unwrap()
+    };
+    let claims: serde_json::Value = serde_json::from_slice(&dec(parts[1])).unwrap();
+    assert_eq!(claims["iss"], "builder@proj-1.iam.gserviceaccount.com");
+    assert_eq!(claims["aud"], format!("{}/token", s.url()));
+    assert!(claims["scope"]
+        .as_str()
+        .unwrap()
+        .contains("devstorage.read_write"));
+    ring::signature::UnparsedPublicKey::new(&ring::signature::RSA_PKCS1_2048_8192_SHA256, &pubder)
+        .verify(
+            format!("{}.{}", parts[0], parts[1]).as_bytes(),
+            &dec(parts[2]),
+        )
+        .expect("the JWT verifies with the service account's public key");
+    // Resumable upload: initiation with the object's name and length, chunks in 256 KiB multiples.
+    let init = reqs
+        .iter()
+        .find(|r| r.path() == "/upload/storage/v1/b/gbucket/o")
+        .unwrap();
+    assert!(
+        init.target.contains("uploadType=resumable"),
+        "{}",
+        init.target
+    );
+    assert!(
+        init.target
+            .contains("name=images%2Fncimage-testrole.tar.gz"),
+        "{}",
+        init.target
+    );
+    assert_eq!(
+        init.header("x-upload-content-length"),
+        Some((20u64 << 20).to_string().as_str())
+    );
+    assert_eq!(init.header("authorization"), Some("Bearer ya29.test-token"));
+    assert_eq!(init.json()["metadata"]["sha256"], sha256_hex(&data));
+    for r in reqs
+        .iter()
+        .filter(|r| r.path() == "/session/1" && !r.body.is_empty())
+    {
+        assert_eq!(
+            r.body.len() % (256 << 10),
+            0,
+            "chunk of {} bytes",
+            r.body.len()
+        );
+    }
+    // images.insert from the object, UEFI.
+    let ins = reqs
+        .iter()
+        .find(|r| r.path().ends_with("/global/images"))
+        .unwrap();
+    assert_eq!(ins.header("authorization"), Some("Bearer ya29.test-token"));
+    let j = ins.json();
+    assert_eq!(
+        j["rawDisk"]["source"],
+        "https://storage.googleapis.com/gbucket/images/ncimage-testrole.tar.gz"
+    );
+    assert!(j["guestOsFeatures"]
+        .as_array()
+        .unwrap()
+        .contains(&serde_json::json!({"type": "UEFI_COMPATIBLE"})));
+    assert!(j["name"].as_str().unwrap().starts_with("ncimage-testrole-"));
+}
+
+#[test]
+fn gcp_without_credentials_says_where_they_are_looked_for() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = image_dir(d.path(), "ncimage-testrole.tar.gz", "tar.gz", b"tiny");
+    std::fs::write(
+        d.path().join("targets.toml"),
+        "[targets.gcp]\nprovider = \"gcp\"\nbucket = \"b\"\n",
+    )
+    .unwrap();
+    let out = ncimage(
+        d.path(),
+        &[
+            "upload",
+            dir.to_str().unwrap(),
+            "--to",
+            "gcp",
+            "--targets",
+            d.path().join("targets.toml").to_str().unwrap(),
+        ],
+    );
+    fails_with(
+        &out,
+        &[
+            "no Google credentials",
+            "GOOGLE_APPLICATION_CREDENTIALS",
+            "application_default_credentials.json does not exist",
+        ],
+    );
+}

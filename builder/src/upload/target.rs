@@ -87,6 +87,11 @@ pub struct Target {
     pub import_role: Option<String>,
     /// digitalocean: API endpoint (default https://api.digitalocean.com).
     pub api_endpoint: Option<String>,
+    /// gcp: project (default: the credentials' project_id).
+    pub project: Option<String>,
+    /// gcp: Cloud Storage and Compute API endpoints (default Google's).
+    pub storage_endpoint: Option<String>,
+    pub compute_endpoint: Option<String>,
     /// openstack: Keystone v3 URL (default OS_AUTH_URL).
     pub auth_url: Option<String>,
     /// openstack: Glance URL (default: from the token's catalog).
@@ -117,6 +122,9 @@ impl Target {
             import_role: None,
             api_endpoint: None,
             auth_url: None,
+            project: None,
+            storage_endpoint: None,
+            compute_endpoint: None,
             image_endpoint: None,
             visibility: None,
         }
