@@ -3,6 +3,7 @@
 //! turn the object into an image. Providers: upload/<provider>.rs.
 
 pub mod aws;
+pub mod azure;
 pub mod credentials;
 pub mod digitalocean;
 pub mod gcp;
@@ -272,13 +273,29 @@ pub fn run(o: &Options) -> Result<Report> {
                 )],
             })
         }
-        other => Err(Error::upload(
-            format!(
-                "provider `{}` (target `{name}`) is not implemented yet",
-                other.name()
-            ),
-            "upload to its object storage with provider = \"s3\" and create the image by hand",
-        )),
+        Provider::Azure => {
+            let c = azure::upload_and_create(
+                &name,
+                &t,
+                &file,
+                a.size_bytes,
+                &image_name,
+                o.quiet,
+                &say,
+            )?;
+            Ok(Report {
+                lines: vec![
+                    format!(
+                        "Azure image {} (Hyper-V generation 2, UEFI) created from disk {}",
+                        c.image_id, c.disk_id
+                    ),
+                    format!(
+                        "{} pages of 4 MiB written with Content-MD5, {} all-zero pages skipped",
+                        c.pages, c.skipped
+                    ),
+                ],
+            })
+        }
     }
 }
 

@@ -1584,3 +1584,249 @@ fn gcp_without_credentials_says_where_they_are_looked_for() {
         ],
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// azure: Entra ID, Resource Manager and the disk's page blob on one stand-in
+
+#[test]
+fn azure_direct_upload_matches_the_documented_managed_disk_requests_on_a_local_stand_in() {
+    use base64::Engine;
+    use sha2::Digest;
+    let disk = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let dk = disk.clone();
+    let sub = "/subscriptions/sub-1/resourceGroups/rg-1/providers/Microsoft.Compute";
+    let s = StandIn::start(move |r, before| {
+        let base = format!("http://{}", r.header("host").unwrap());
+        let p = r.path().to_string();
+        let disk_path = format!("{sub}/disks/ncimage-testrole-osdisk");
+        match (r.method.as_str(), p.as_str()) {
+            ("POST", "/tenant-1/oauth2/v2.0/token") => json(
+                200,
+                serde_json::json!({"access_token": "eyJ0.mgmt-token", "token_type": "Bearer", "expires_in": 3599}),
+            ),
+            ("PUT", x) if x == disk_path => {
+                let size = r.json()["properties"]["creationData"]["uploadSizeBytes"]
+                    .as_u64()
+                    .unwrap() as usize;
+                dk.lock().unwrap().resize(size, 0);
+                json(
+                    202,
+                    serde_json::json!({"properties": {"provisioningState": "Updating"}}),
+                )
+            }
+            ("GET", x) if x == disk_path => json(
+                200,
+                serde_json::json!({
+                "id": disk_path, "properties": {"provisioningState": "Succeeded", "diskState": "ReadyToUpload"}}),
+            ),
+            ("POST", x) if x == format!("{disk_path}/beginGetAccess") => (
+                202,
+                vec![("Location".into(), format!("{base}/ops/grant"))],
+                vec![],
+            ),
+            ("GET", "/ops/grant") => json(
+                200,
+                serde_json::json!({"accessSAS": format!("{base}/blob/md-abc/abcd?sv=2018-03-28&sr=b&sig=SASSIG")}),
+            ),
+            ("PUT", "/blob/md-abc/abcd") => {
+                let range = r.header("x-ms-range").unwrap();
+                let (a, _) = range
+                    .strip_prefix("bytes=")
+                    .unwrap()
+                    .split_once('-')
+                    .unwrap();
+                let a: usize = a.parse().unwrap();
+                dk.lock().unwrap()[a..a + r.body.len()].copy_from_slice(&r.body);
+                (201, vec![], vec![])
+            }
+            ("POST", x) if x == format!("{disk_path}/endGetAccess") => (
+                202,
+                vec![("Location".into(), format!("{base}/ops/revoke"))],
+                vec![],
+            ),
+            ("GET", "/ops/revoke") => (200, vec![], vec![]),
+            ("PUT", x) if x == format!("{sub}/images/ncimage-testrole") => json(
+                201,
+                serde_json::json!({"properties": {"provisioningState": "Creating"}}),
+            ),
+            ("GET", x) if x == format!("{sub}/images/ncimage-testrole") => {
+                let _ = before;
+                json(
+                    200,
+                    serde_json::json!({"id": x, "properties": {"provisioningState": "Succeeded"}}),
+                )
+            }
+            _ => json(
+                404,
+                serde_json::json!({"error": {"code": "NotFound", "message": p}}),
+            ),
+        }
+    });
+    // A fixed VHD: 24 MiB of disk with data in two places, then the footer.
+    let mut vhd = vec![0u8; (24 << 20) + 512];
+    vhd[..1 << 20].copy_from_slice(&random_bytes(1 << 20, 12));
+    vhd[13 << 20..14 << 20].copy_from_slice(&random_bytes(1 << 20, 13));
+    vhd[24 << 20..(24 << 20) + 8].copy_from_slice(b"conectix");
+    let d = tempfile::tempdir().unwrap();
+    let dir = image_dir(d.path(), "ncimage-testrole.vhd", "vhd", &vhd);
+    std::fs::write(
+        d.path().join("targets.toml"),
+        format!(
+            "[targets.az]\nprovider = \"azure\"\nresource_group = \"rg-1\"\nlocation = \"westeurope\"\n\
+             image_name = \"ncimage-{{role}}\"\nlogin_endpoint = \"{0}\"\nmanagement_endpoint = \"{0}\"\npoll_seconds = 0\n",
+            s.url()
+        ),
+    )
+    .unwrap();
+    let out = ncimage_cmd(
+        d.path(),
+        &[
+            "upload",
+            dir.to_str().unwrap(),
+            "--to",
+            "az",
+            "--targets",
+            d.path().join("targets.toml").to_str().unwrap(),
+        ],
+        false,
+    )
+    .env("AZURE_TENANT_ID", "tenant-1")
+    .env("AZURE_CLIENT_ID", "client-1")
+    .env("AZURE_CLIENT_SECRET", "azure-secret-never-printed")
+    .env("AZURE_SUBSCRIPTION_ID", "sub-1")
+    .output()
+    .unwrap();
+    let t = succeeds(&out);
+    assert!(
+        !t.contains("azure-secret-never-printed")
+            && !t.contains("SASSIG")
+            && !t.contains("mgmt-token"),
+        "{t}"
+    );
+    assert!(
+        t.contains("3 pages of 4 MiB written with Content-MD5, 4 all-zero pages skipped"),
+        "{t}"
+    );
+    assert_eq!(
+        sha256_hex(&disk.lock().unwrap()),
+        sha256_hex(&vhd),
+        "the disk holds the VHD"
+    );
+
+    let reqs = s.requests();
+    let tok = reqs[0].form();
+    assert_eq!(tok["grant_type"], "client_credentials");
+    assert_eq!(tok["client_id"], "client-1");
+    assert_eq!(tok["scope"], "https://management.azure.com/.default");
+    let create = reqs
+        .iter()
+        .find(|r| r.method == "PUT" && r.path().ends_with("/disks/ncimage-testrole-osdisk"))
+        .unwrap();
+    assert!(create.target.contains("api-version=2023-04-02"));
+    let j = create.json();
+    assert_eq!(j["properties"]["creationData"]["createOption"], "Upload");
+    assert_eq!(
+        j["properties"]["creationData"]["uploadSizeBytes"],
+        vhd.len() as u64
+    );
+    assert_eq!(j["properties"]["hyperVGeneration"], "V2");
+    assert_eq!(j["location"], "westeurope");
+    let grant = reqs
+        .iter()
+        .find(|r| r.path().ends_with("/beginGetAccess"))
+        .unwrap();
+    assert_eq!(grant.json()["access"], "Write");
+    let pages: Vec<&Recorded> = reqs
+        .iter()
+        .filter(|r| r.path() == "/blob/md-abc/abcd")
+        .collect();
+    assert_eq!(pages.len(), 3);
+    for p in &pages {
+        assert!(
+            p.target.contains("sig=SASSIG") && p.target.ends_with("&comp=page"),
+            "{}",
+            p.target
+        );
+        assert_eq!(p.header("x-ms-page-write"), Some("update"));
+        assert_eq!(
+            p.header("authorization"),
+            None,
+            "the SAS alone authorises page writes"
+        );
+        let md5 = base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(&p.body));
+        assert_eq!(p.header("content-md5"), Some(md5.as_str()));
+        let range = p.header("x-ms-range").unwrap();
+        let (a, b) = range
+            .strip_prefix("bytes=")
+            .unwrap()
+            .split_once('-')
+            .unwrap();
+        let (a, b): (u64, u64) = (a.parse().unwrap(), b.parse().unwrap());
+        assert_eq!(a % 512, 0);
+        assert_eq!((b + 1) % 512, 0);
+        assert!(b - a < 4 << 20);
+    }
+    let revoke_at = reqs
+        .iter()
+        .position(|r| r.path().ends_with("/endGetAccess"))
+        .unwrap();
+    let image_at = reqs
+        .iter()
+        .position(|r| r.method == "PUT" && r.path().ends_with("/images/ncimage-testrole"))
+        .unwrap();
+    assert!(
+        reqs.iter()
+            .rposition(|r| r.path() == "/blob/md-abc/abcd")
+            .unwrap()
+            < revoke_at
+    );
+    assert!(
+        revoke_at < image_at,
+        "access is revoked before the image is made"
+    );
+    let img = reqs[image_at].json();
+    assert_eq!(img["properties"]["hyperVGeneration"], "V2");
+    assert_eq!(
+        img["properties"]["storageProfile"]["osDisk"]["osState"],
+        "Generalized"
+    );
+    assert_eq!(
+        img["properties"]["storageProfile"]["osDisk"]["managedDisk"]["id"],
+        format!("{sub}/disks/ncimage-testrole-osdisk")
+    );
+    for r in reqs
+        .iter()
+        .filter(|r| r.path().starts_with("/subscriptions/"))
+    {
+        assert_eq!(r.header("authorization"), Some("Bearer eyJ0.mgmt-token"));
+    }
+}
+
+#[test]
+fn azure_refuses_a_file_that_is_not_a_fixed_vhd() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = image_dir(d.path(), "ncimage-testrole.vhd", "vhd", &vec![0u8; 3 << 20]);
+    std::fs::write(
+        d.path().join("targets.toml"),
+        "[targets.az]\nprovider = \"azure\"\nresource_group = \"rg\"\nlocation = \"l\"\n",
+    )
+    .unwrap();
+    let out = ncimage(
+        d.path(),
+        &[
+            "upload",
+            dir.to_str().unwrap(),
+            "--to",
+            "az",
+            "--targets",
+            d.path().join("targets.toml").to_str().unwrap(),
+        ],
+    );
+    fails_with(
+        &out,
+        &[
+            "is not a fixed VHD Azure takes",
+            "whole number of MiB plus 512",
+        ],
+    );
+}

@@ -92,6 +92,13 @@ pub struct Target {
     /// gcp: Cloud Storage and Compute API endpoints (default Google's).
     pub storage_endpoint: Option<String>,
     pub compute_endpoint: Option<String>,
+    /// azure: subscription (default AZURE_SUBSCRIPTION_ID), resource group, location.
+    pub subscription: Option<String>,
+    pub resource_group: Option<String>,
+    pub location: Option<String>,
+    /// azure: Entra ID and Resource Manager endpoints (default Microsoft's).
+    pub login_endpoint: Option<String>,
+    pub management_endpoint: Option<String>,
     /// openstack: Keystone v3 URL (default OS_AUTH_URL).
     pub auth_url: Option<String>,
     /// openstack: Glance URL (default: from the token's catalog).
@@ -122,6 +129,11 @@ impl Target {
             import_role: None,
             api_endpoint: None,
             auth_url: None,
+            subscription: None,
+            resource_group: None,
+            location: None,
+            login_endpoint: None,
+            management_endpoint: None,
             project: None,
             storage_endpoint: None,
             compute_endpoint: None,
