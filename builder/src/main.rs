@@ -279,7 +279,11 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| filter.into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| filter.into())
+                // ureq's debug log prints request lines and headers (presigned and SAS URLs,
+                // session tokens): never, whatever RUST_LOG says.
+                .add_directive("ureq=warn".parse().expect("directive")),
         )
         .with_writer(std::io::stderr)
         .init();

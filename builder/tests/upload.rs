@@ -557,6 +557,41 @@ fn upload_without_credentials_says_where_they_are_looked_for() {
 }
 
 #[test]
+fn no_credential_appears_in_the_most_verbose_log() {
+    // Any S3 call fails here (a stand-in answering 404): the HEAD of the bucket is signed and
+    // sent with a session token, and logged at trace level.
+    let s = StandIn::start(|_, _| (404, vec![], vec![]));
+    let d = tempfile::tempdir().unwrap();
+    let dir = image_dir(d.path(), "ncimage-testrole.raw", "raw", b"tiny image");
+    let ep = s.url();
+    let out = ncimage_cmd(
+        d.path(),
+        &[
+            "-vv",
+            "upload",
+            dir.to_str().unwrap(),
+            "--to",
+            "s3://images",
+            "--endpoint",
+            &ep,
+        ],
+        true,
+    )
+    .env("RUST_LOG", "trace")
+    .env("AWS_SESSION_TOKEN", "session-token-never-printed")
+    .output()
+    .unwrap();
+    let t = fails_with(&out, &["bucket `images` does not exist"]);
+    assert!(t.contains("s3 request"), "the log is on: {t}");
+    assert!(!t.contains("session-token-never-printed"), "{t}");
+    let head = &s.requests()[0];
+    assert_eq!(
+        head.header("x-amz-security-token"),
+        Some("session-token-never-printed")
+    );
+}
+
+#[test]
 fn upload_to_an_unknown_target_lists_the_defined_ones() {
     let d = tempfile::tempdir().unwrap();
     let dir = image_dir(d.path(), "ncimage-testrole.raw", "raw", b"tiny image");
@@ -1203,9 +1238,11 @@ fn openstack_standin(stored_hash_ok: bool) -> StandIn {
 }
 
 fn openstack_run(d: &Path, s: &StandIn, dir: &Path) -> Output {
+    // The most verbose log: no token or password may appear in it either.
     ncimage_cmd(
         d,
         &[
+            "-vv",
             "upload",
             dir.to_str().unwrap(),
             "--to",
@@ -1215,6 +1252,7 @@ fn openstack_run(d: &Path, s: &StandIn, dir: &Path) -> Output {
         ],
         false,
     )
+    .env("RUST_LOG", "trace")
     .env("OS_AUTH_URL", format!("{}/identity/v3", s.url()))
     .env("OS_USERNAME", "builder")
     .env("OS_PASSWORD", "os-password-never-printed")
@@ -1451,6 +1489,7 @@ fn gcp_resumable_upload_and_images_insert_match_googles_documented_requests_on_a
         ncimage_cmd(
             d.path(),
             &[
+                "-vv",
                 "upload",
                 dir.to_str().unwrap(),
                 "--to",
@@ -1460,6 +1499,7 @@ fn gcp_resumable_upload_and_images_insert_match_googles_documented_requests_on_a
             ],
             false,
         )
+        .env("RUST_LOG", "trace")
         .env("GOOGLE_APPLICATION_CREDENTIALS", &sa)
         .output()
         .unwrap()
@@ -1681,6 +1721,7 @@ fn azure_direct_upload_matches_the_documented_managed_disk_requests_on_a_local_s
     let out = ncimage_cmd(
         d.path(),
         &[
+            "-vv",
             "upload",
             dir.to_str().unwrap(),
             "--to",
@@ -1690,6 +1731,7 @@ fn azure_direct_upload_matches_the_documented_managed_disk_requests_on_a_local_s
         ],
         false,
     )
+    .env("RUST_LOG", "trace")
     .env("AZURE_TENANT_ID", "tenant-1")
     .env("AZURE_CLIENT_ID", "client-1")
     .env("AZURE_CLIENT_SECRET", "azure-secret-never-printed")
