@@ -342,7 +342,9 @@ pub fn upload_object(
         sha256: a.sha256.clone(),
         part_size: t.part_size_mib.unwrap_or(16) << 20,
         threads: t.threads.unwrap_or(4).clamp(1, 32),
-        checksums: t.checksum_sha256.unwrap_or(true),
+        // x-amz-checksum-sha256: AWS takes it; other servers may refuse it (opt in). Content-MD5,
+        // the signed payload hash and the ETag check hold everywhere.
+        checksums: t.checksum_sha256.unwrap_or(t.provider == Provider::Aws),
         quiet: o.quiet,
         state_dir: o.state_dir.clone(),
     };

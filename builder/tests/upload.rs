@@ -344,6 +344,73 @@ fn s3_upload_killed_midway_resumes_from_the_parts_on_the_server() {
     assert_eq!((size, sha), (data.len() as u64, sha256_hex(&data)));
 }
 
+#[test]
+#[ignore]
+fn s3_ctrl_c_stops_the_upload_keeps_its_parts_and_the_same_command_resumes() {
+    let moto = Moto::start();
+    let b = moto.bucket("images");
+    b.create().unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let data = random_bytes(60 << 20, 14);
+    let dir = image_dir(d.path(), "ncimage-testrole.raw", "raw", &data);
+    let ep = moto.endpoint();
+    let args = [
+        "upload",
+        dir.to_str().unwrap(),
+        "--to",
+        "s3://images",
+        "--endpoint",
+        &ep,
+        "--part-size-mib",
+        "5",
+        "--threads",
+        "1",
+    ];
+    let child = ncimage_cmd(d.path(), &args, true)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let states = d.path().join("cache/ncimage/uploads");
+    let t = Instant::now();
+    loop {
+        assert!(t.elapsed() < Duration::from_secs(120), "no parts appeared");
+        let id = std::fs::read_dir(&states)
+            .ok()
+            .and_then(|mut r| r.next())
+            .and_then(|e| e.ok())
+            .and_then(|e| std::fs::read(e.path()).ok())
+            .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
+            .and_then(|s| s["upload_id"].as_str().map(str::to_string));
+        if let Some(id) = id {
+            if b.list_parts("ncimage-testrole.raw", &id)
+                .unwrap()
+                .unwrap()
+                .len()
+                >= 2
+            {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let t = fails_with(
+        &out,
+        &["upload interrupted with", "the same command resumes it"],
+    );
+    assert!(!t.contains("uploaded ncimage-testrole.raw"), "{t}");
+    assert!(
+        b.head_object("ncimage-testrole.raw").unwrap().is_none(),
+        "no object yet"
+    );
+    let again = succeeds(&ncimage(d.path(), &args));
+    assert!(again.contains("resuming upload"), "{again}");
+    let (_, sha) = b.object_sha256("ncimage-testrole.raw").unwrap();
+    assert_eq!(sha, sha256_hex(&data));
+}
+
 /// A TCP proxy to `target` that flips one byte, once, 1 MiB into the first connection that
 /// carries that much (a part's body): corruption on the way, which TCP's checksum missed.
 fn corrupting_proxy(target: u16) -> (u16, Arc<AtomicBool>) {

@@ -69,7 +69,8 @@ pub struct Target {
     pub profile: Option<String>,
     pub part_size_mib: Option<u64>,
     pub threads: Option<usize>,
-    /// Send each part's SHA-256 as x-amz-checksum-sha256 (default on; some servers refuse it).
+    /// Send each part's SHA-256 as x-amz-checksum-sha256 (default: on for aws, off elsewhere,
+    /// as some S3-compatible servers refuse it).
     pub checksum_sha256: Option<bool>,
     /// Which artifact to upload: raw, qcow2, vhd, vmdk, tar.gz (default: the provider's first).
     pub format: Option<String>,
