@@ -294,7 +294,6 @@ pub fn upload(job: &Job) -> Result<Outcome> {
     let done = done.into_inner().expect("done");
     if let Err(e) = read_result.and(failure.map_or(Ok(()), Err)) {
         bar.abandon_with_message("stopped");
-        let interrupted = matches!(e, Error::Interrupted);
         let e = match e {
             Error::Upload { what, help } => Error::upload(
                 format!(
@@ -303,14 +302,18 @@ pub fn upload(job: &Job) -> Result<Outcome> {
                 ),
                 format!("{help}; the same command resumes the upload"),
             ),
+            Error::Interrupted => Error::upload(
+                format!(
+                    "upload interrupted with {} of {nparts} parts of {place} on the server",
+                    done.len()
+                ),
+                format!(
+                    "the same command resumes it (the upload id is kept in {})",
+                    job.state_dir.display()
+                ),
+            ),
             other => other,
         };
-        if interrupted {
-            eprintln!(
-                "upload interrupted with {} of {nparts} parts on the server: the same command resumes it",
-                done.len()
-            );
-        }
         return Err(e);
     }
     let got = hex::encode(whole.finalize());
