@@ -183,6 +183,8 @@ pub fn run(o: &Options) -> Result<Report> {
             Ok(Report { lines })
         }
         Provider::Aws => {
+            // EC2 needs the region: check it before spending time on the upload.
+            t.need(&name, "region", &t.region)?;
             let (bucket, key, mut lines) = upload_object(&name, &t, &o.image_dir, &a, o)?;
             let r = aws::import_and_register(
                 &name,
