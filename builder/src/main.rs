@@ -128,7 +128,7 @@ enum Cmd {
         /// Path-style addressing (endpoint/bucket/key).
         #[arg(long)]
         path_style: bool,
-        /// Artifact to upload: raw, qcow2, vhd, vmdk, tar.gz (default: the provider's choice).
+        /// Artifact to upload: raw, qcow2, vhd, vmdk, gce (default: the provider's choice).
         #[arg(long)]
         format: Option<String>,
         /// Profile of ~/.aws/credentials.

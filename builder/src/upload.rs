@@ -88,7 +88,7 @@ pub fn choose_artifact(
     format: Option<&str>,
 ) -> Result<ManifestArtifact> {
     let matches = |a: &ManifestArtifact, f: &str| {
-        a.format == f || a.file.ends_with(&format!(".{f}")) || (f == "tar.gz" && a.format == "gce")
+        a.format == f || a.file.ends_with(&format!(".{}", extension(f)))
     };
     let present: Vec<String> = artifacts.iter().map(|a| a.file.clone()).collect();
     if let Some(f) = format {
@@ -301,12 +301,20 @@ pub fn run(o: &Options) -> Result<Report> {
     }
 }
 
-/// The format name of an artifact (raw, qcow2, vhd, vmdk, tar.gz).
+/// File name suffix of a format's artifact (as `ncimage build` names them).
+fn extension(format: &str) -> &str {
+    match format {
+        "gce" => "gce.tar.gz",
+        f => f,
+    }
+}
+
+/// The format name of an artifact (raw, qcow2, vhd, vmdk, gce).
 fn artifact_format(a: &ManifestArtifact, p: Provider) -> String {
     p.formats()
         .iter()
         .chain(Provider::S3.formats())
-        .find(|f| a.format == **f || a.file.ends_with(&format!(".{f}")))
+        .find(|f| a.format == **f || a.file.ends_with(&format!(".{}", extension(f))))
         .map(|f| f.to_string())
         .unwrap_or_else(|| a.format.clone())
 }
@@ -381,4 +389,61 @@ pub fn upload_object(
         ));
     }
     Ok((bucket, key, lines))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn artifact(file: &str, format: &str) -> ManifestArtifact {
+        ManifestArtifact {
+            file: file.into(),
+            format: format.into(),
+            size_bytes: 1,
+            sha256: "0".repeat(64),
+        }
+    }
+
+    /// The artifacts as `ncimage build` names them: each provider gets the one it takes.
+    #[test]
+    fn each_provider_gets_the_format_it_takes() {
+        let all = [
+            artifact("ncimage-r.qcow2", "qcow2"),
+            artifact("ncimage-r.raw", "raw"),
+            artifact("ncimage-r.vhd", "vhd"),
+            artifact("ncimage-r.vmdk", "vmdk"),
+            artifact("ncimage-r.gce.tar.gz", "gce"),
+        ];
+        let pick = |p, f| choose_artifact(&all, p, f).map(|a| a.file);
+        assert_eq!(pick(Provider::Aws, None).unwrap(), "ncimage-r.vmdk");
+        assert_eq!(pick(Provider::Gcp, None).unwrap(), "ncimage-r.gce.tar.gz");
+        assert_eq!(pick(Provider::Azure, None).unwrap(), "ncimage-r.vhd");
+        assert_eq!(
+            pick(Provider::Digitalocean, None).unwrap(),
+            "ncimage-r.qcow2"
+        );
+        assert_eq!(pick(Provider::Openstack, None).unwrap(), "ncimage-r.qcow2");
+        assert_eq!(
+            pick(Provider::S3, Some("gce")).unwrap(),
+            "ncimage-r.gce.tar.gz"
+        );
+        assert_eq!(pick(Provider::Aws, Some("raw")).unwrap(), "ncimage-r.raw");
+        let e = pick(Provider::Gcp, Some("vhd")).unwrap_err().to_string();
+        assert!(e.contains("gcp does not take vhd images"), "{e}");
+        // Today's two-format images: aws falls back to raw, gcp says what to export.
+        let two = [
+            artifact("ncimage-r.qcow2", "qcow2"),
+            artifact("ncimage-r.raw", "raw"),
+        ];
+        assert_eq!(
+            choose_artifact(&two, Provider::Aws, None).unwrap().file,
+            "ncimage-r.raw"
+        );
+        let e = choose_artifact(&two, Provider::Gcp, None).unwrap_err();
+        assert!(format!("{e:?}").contains("gce"), "{e:?}");
+        assert_eq!(
+            artifact_format(&artifact("x.gce.tar.gz", "gce"), Provider::Gcp),
+            "gce"
+        );
+    }
 }

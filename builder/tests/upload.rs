@@ -1510,7 +1510,7 @@ fn gcp_resumable_upload_and_images_insert_match_googles_documented_requests_on_a
                         base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(&*data));
                     json(
                         200,
-                        serde_json::json!({"name": "images/ncimage-testrole.tar.gz", "size": total.to_string(), "md5Hash": md5}),
+                        serde_json::json!({"name": "images/ncimage-testrole.gce.tar.gz", "size": total.to_string(), "md5Hash": md5}),
                     )
                 } else {
                     (
@@ -1542,7 +1542,7 @@ fn gcp_resumable_upload_and_images_insert_match_googles_documented_requests_on_a
     )
     .unwrap();
     let data = random_bytes(20 << 20, 11);
-    let dir = image_dir(d.path(), "ncimage-testrole.tar.gz", "tar.gz", &data);
+    let dir = image_dir(d.path(), "ncimage-testrole.gce.tar.gz", "gce", &data);
     std::fs::write(
         d.path().join("targets.toml"),
         format!(
@@ -1575,7 +1575,9 @@ fn gcp_resumable_upload_and_images_insert_match_googles_documented_requests_on_a
     fails_with(&run(), &["HTTP 503", "the same command resumes"]);
     let out = succeeds(&run());
     assert!(
-        out.contains("resuming the upload to gs://gbucket/images/ncimage-testrole.tar.gz at 8 MiB"),
+        out.contains(
+            "resuming the upload to gs://gbucket/images/ncimage-testrole.gce.tar.gz at 8 MiB"
+        ),
         "{out}"
     );
     assert!(out.contains("GCP image ncimage-testrole-"), "{out}");
@@ -1623,7 +1625,7 @@ fn gcp_resumable_upload_and_images_insert_match_googles_documented_requests_on_a
     );
     assert!(
         init.target
-            .contains("name=images%2Fncimage-testrole.tar.gz"),
+            .contains("name=images%2Fncimage-testrole.gce.tar.gz"),
         "{}",
         init.target
     );
@@ -1653,7 +1655,7 @@ fn gcp_resumable_upload_and_images_insert_match_googles_documented_requests_on_a
     let j = ins.json();
     assert_eq!(
         j["rawDisk"]["source"],
-        "https://storage.googleapis.com/gbucket/images/ncimage-testrole.tar.gz"
+        "https://storage.googleapis.com/gbucket/images/ncimage-testrole.gce.tar.gz"
     );
     assert!(j["guestOsFeatures"]
         .as_array()
@@ -1665,7 +1667,7 @@ fn gcp_resumable_upload_and_images_insert_match_googles_documented_requests_on_a
 #[test]
 fn gcp_without_credentials_says_where_they_are_looked_for() {
     let d = tempfile::tempdir().unwrap();
-    let dir = image_dir(d.path(), "ncimage-testrole.tar.gz", "tar.gz", b"tiny");
+    let dir = image_dir(d.path(), "ncimage-testrole.gce.tar.gz", "gce", b"tiny");
     std::fs::write(
         d.path().join("targets.toml"),
         "[targets.gcp]\nprovider = \"gcp\"\nbucket = \"b\"\n",

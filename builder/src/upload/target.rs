@@ -34,11 +34,11 @@ impl Provider {
     /// Artifact formats the provider takes, preferred first.
     pub fn formats(self) -> &'static [&'static str] {
         match self {
-            Provider::S3 => &["qcow2", "raw", "vhd", "vmdk", "tar.gz"],
+            Provider::S3 => &["qcow2", "raw", "vhd", "vmdk", "gce"],
             Provider::Aws => &["vmdk", "raw", "vhd"],
             Provider::Digitalocean => &["qcow2", "raw", "vmdk", "vhd"],
             Provider::Openstack => &["qcow2", "raw", "vmdk", "vhd"],
-            Provider::Gcp => &["tar.gz"],
+            Provider::Gcp => &["gce"],
             Provider::Azure => &["vhd"],
         }
     }
@@ -72,7 +72,7 @@ pub struct Target {
     /// Send each part's SHA-256 as x-amz-checksum-sha256 (default: on for aws, off elsewhere,
     /// as some S3-compatible servers refuse it).
     pub checksum_sha256: Option<bool>,
-    /// Which artifact to upload: raw, qcow2, vhd, vmdk, tar.gz (default: the provider's first).
+    /// Which artifact to upload: raw, qcow2, vhd, vmdk, gce (default: the provider's first).
     pub format: Option<String>,
     /// Name of the image the provider creates (default ncimage-<role>-<first 12 of sha256>).
     pub image_name: Option<String>,
