@@ -131,6 +131,8 @@ pub fn run_switch(listener: UnixListener) {
 
 pub struct SuperviseOptions {
     pub spec: Spec,
+    /// The spec's node indexes in the order to start them (`cluster::boot_order`).
+    pub order: Vec<usize>,
     pub dir: PathBuf,
     pub images: PathBuf,
     /// Pause between two VM starts: a host with few cores boots them faster one after the
@@ -148,8 +150,9 @@ pub fn supervise(o: &SuperviseOptions) -> Result<()> {
     std::thread::spawn(move || run_switch(listener));
     let mut vms = Vec::new();
     let mut nodes = Vec::new();
-    for (i, n) in o.spec.nodes.iter().enumerate() {
-        if i > 0 {
+    for (k, &i) in o.order.iter().enumerate() {
+        let n = &o.spec.nodes[i];
+        if k > 0 {
             let t = Instant::now();
             while t.elapsed() < o.stagger && crate::interrupt::check().is_ok() {
                 std::thread::sleep(Duration::from_millis(200));
@@ -309,6 +312,7 @@ pub fn rss_mib(pid: u32) -> Option<u64> {
 
 pub fn up(o: &UpOptions, say: &dyn Fn(&str)) -> Result<State> {
     crate::cluster::check_roles(&o.spec, &o.project)?;
+    let order = crate::cluster::boot_order(&o.spec, &o.project)?;
     let cluster = o.spec.cluster.as_ref().expect("checked");
     if o.dir.join("state.json").exists() {
         if let Ok(s) = read_state(&o.dir) {
@@ -335,6 +339,14 @@ pub fn up(o: &UpOptions, say: &dyn Fn(&str)) -> Result<State> {
     }
     let _ = std::fs::remove_dir_all(&o.dir);
     std::fs::create_dir_all(o.dir.join("seeds")).map_err(Error::io("creating", &o.dir))?;
+    say(&format!(
+        "boot order (what others wait for first): {}",
+        order
+            .iter()
+            .map(|&i| o.spec.nodes[i].name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
     let r = up_inner(o, cluster, say);
     if r.is_err() && !o.keep_on_failure {
         let _ = down(&o.dir);
@@ -357,7 +369,7 @@ fn up_inner(
             &n.name,
             &secrets_file,
             Some(mac_of(i + 1)),
-            false,
+            crate::seed::Format::Vfat,
             &o.dir.join("seeds").join(format!("{}.img", n.name)),
         )?;
     }

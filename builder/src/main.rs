@@ -63,6 +63,9 @@ enum Cmd {
         cpus: u32,
         #[arg(short, long)]
         quiet: bool,
+        /// The NoCloud seed's filesystem.
+        #[arg(long, value_enum, default_value = "vfat")]
+        seed: TestSeed,
     },
     /// Print every template of a role rendered (first-boot ones for the test node; secrets by name).
     Render {
@@ -96,7 +99,6 @@ enum Cmd {
         /// The cluster's secrets file; default: ~/.config/ncimage/<cluster>.secrets.toml.
         #[arg(long)]
         secrets: Option<PathBuf>,
-        /// nocloud: a FAT volume labelled cidata; user-data: the #cloud-config for a cloud.
         #[arg(long, value_enum, default_value = "nocloud")]
         format: SeedFormat,
         /// MAC address of the node's private NIC (the network config matches it); without one,
@@ -228,9 +230,31 @@ impl LabArgs {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
+enum TestSeed {
+    /// A FAT volume labelled cidata.
+    Vfat,
+    /// An ISO 9660 volume labelled cidata.
+    Iso,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
 enum SeedFormat {
+    /// NoCloud: a FAT volume labelled cidata.
     Nocloud,
+    /// NoCloud: an ISO 9660 volume labelled cidata.
+    Iso,
+    /// The #cloud-config for a cloud's user-data.
     UserData,
+}
+
+impl From<SeedFormat> for ncimage::seed::Format {
+    fn from(f: SeedFormat) -> Self {
+        match f {
+            SeedFormat::Nocloud => ncimage::seed::Format::Vfat,
+            SeedFormat::Iso => ncimage::seed::Format::Iso,
+            SeedFormat::UserData => ncimage::seed::Format::UserData,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -335,6 +359,7 @@ fn run(cli: Cli) -> ncimage::Result<()> {
             memory,
             cpus,
             quiet,
+            seed,
         } => {
             let project = Project::locate(cli.project.as_deref())?;
             let image_dir = image.unwrap_or_else(|| PathBuf::from("out").join(&role));
@@ -347,6 +372,10 @@ fn run(cli: Cli) -> ncimage::Result<()> {
                 memory_mib: memory,
                 cpus,
                 quiet,
+                seed: match seed {
+                    TestSeed::Vfat => ncimage::seed::Format::Vfat,
+                    TestSeed::Iso => ncimage::seed::Format::Iso,
+                },
             })?;
             Ok(())
         }
@@ -478,8 +507,11 @@ fn run(cli: Cli) -> ncimage::Result<()> {
                 stagger,
             } => {
                 let (spec, dir) = lab.load()?;
+                let project = Project::locate(cli.project.as_deref())?;
+                let order = ncimage::cluster::boot_order(&spec, &project)?;
                 ncimage::lab::supervise(&ncimage::lab::SuperviseOptions {
                     spec,
+                    order,
                     dir,
                     images,
                     stagger: std::time::Duration::from_secs(stagger),
@@ -519,15 +551,25 @@ fn run(cli: Cli) -> ncimage::Result<()> {
                 Some(s) => s,
                 None => ncimage::secrets::default_path(&spec)?,
             };
-            let user_data = matches!(format, SeedFormat::UserData);
             let out = out.unwrap_or_else(|| {
                 PathBuf::from(format!(
                     "{node}.{}",
-                    if user_data { "user-data" } else { "seed.img" }
+                    match format {
+                        SeedFormat::Nocloud => "seed.img",
+                        SeedFormat::Iso => "seed.iso",
+                        SeedFormat::UserData => "user-data",
+                    }
                 ))
             });
-            let role =
-                ncimage::seed::write_node(&spec, &project, &node, &secrets, mac, user_data, &out)?;
+            let role = ncimage::seed::write_node(
+                &spec,
+                &project,
+                &node,
+                &secrets,
+                mac,
+                format.into(),
+                &out,
+            )?;
             println!("{}: seed of {node} ({role})", out.display());
             Ok(())
         }

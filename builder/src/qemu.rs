@@ -139,6 +139,18 @@ pub fn accel() -> Accel {
     }
 }
 
+/// TCG's options. The translation cache (`tb-size`, MiB) is QEMU's default of 1 GiB unless
+/// `NCIMAGE_TB_SIZE` names a size: a guest's QEMU holds up to that much on top of its RAM.
+pub fn tcg_options() -> String {
+    match std::env::var("NCIMAGE_TB_SIZE")
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok())
+    {
+        Some(mib) => format!("tcg,thread=multi,tb-size={mib}"),
+        None => "tcg,thread=multi".to_string(),
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecOutput {
     /// Exit code, or 128 + signal number when the command was killed by a signal.
@@ -172,7 +184,7 @@ pub fn qemu_args(cfg: &VmConfig, paths: &VmPaths, accel: Accel) -> Vec<String> {
         "q35",
     ]);
     match accel {
-        Accel::Tcg => push(&["-accel", "tcg,thread=multi", "-cpu", "max"]),
+        Accel::Tcg => push(&["-accel", &tcg_options(), "-cpu", "max"]),
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
     }
     push(&[
