@@ -759,6 +759,49 @@ mod tests {
         assert_eq!(*order.last().unwrap(), "lb-2", "{order:?}");
     }
 
+    /// A copy of the project whose `role`'s role.toml gets `line` in its `[cluster]` table.
+    fn project_with(role: &str, line: &str) -> (tempfile::TempDir, Project) {
+        let d = tempfile::tempdir().unwrap();
+        let root = project().root.clone();
+        for sub in ["roles", "overlays"] {
+            let st = std::process::Command::new("cp")
+                .arg("-r")
+                .arg(root.join(sub))
+                .arg(d.path())
+                .status()
+                .unwrap();
+            assert!(st.success());
+        }
+        let p = d.path().join("roles").join(role).join("role.toml");
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.contains("\n[cluster]\n"), "{role}");
+        std::fs::write(
+            &p,
+            text.replacen("\n[cluster]\n", &format!("\n[cluster]\n{line}\n"), 1),
+        )
+        .unwrap();
+        let pr = Project::locate(Some(d.path())).unwrap();
+        (d, pr)
+    }
+
+    #[test]
+    fn boot_order_errors_name_the_role_file() {
+        let (_d, p) = project_with("redis", "joins_after = [\"app\"]");
+        let e = boot_order(&lab(), &p).unwrap_err().to_string();
+        assert!(
+            e.contains("joins_after makes a cycle")
+                && (e.contains("app → redis → app") || e.contains("redis → app → redis")),
+            "{e}"
+        );
+        let (_d, p) = project_with("redis", "joins_after = [\"memcached\"]");
+        let e = boot_order(&lab(), &p).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("roles/redis/role.toml: [cluster] joins_after names `memcached`"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn host_names() {
         assert!(valid_name("app-2"));
