@@ -341,7 +341,11 @@ pub fn build(o: &Options) -> Result<Manifest> {
 
     // export
     let artifacts = p.stage("export", "formats, manifest, checksums", || {
-        export::write_formats(tmp.path(), &stem, &o.spec.image.formats)
+        let a = export::write_formats(tmp.path(), &stem, &o.spec.image.formats)?;
+        if !o.spec.image.formats.contains(&crate::spec::Format::Raw) {
+            std::fs::remove_file(&raw).map_err(Error::io("removing", &raw))?;
+        }
+        Ok(a)
     })?;
     let manifest = Manifest {
         ncimage_version: env!("CARGO_PKG_VERSION").into(),
@@ -400,29 +404,9 @@ pub fn build(o: &Options) -> Result<Manifest> {
         packages: root.packages.clone(),
         archives: archives.clone(),
     };
-    let mpath = tmp.path().join("manifest.json");
-    let mtext = serde_json::to_string_pretty(&manifest).expect("serialisable") + "\n";
-    std::fs::write(&mpath, &mtext).map_err(Error::io("writing", &mpath))?;
-    let mut sums: Vec<(String, String)> = artifacts
-        .iter()
-        .map(|a| (a.sha256.clone(), a.file.clone()))
-        .collect();
-    sums.push((
-        hex::encode(Sha256::digest(mtext.as_bytes())),
-        "manifest.json".into(),
-    ));
-    let spath = tmp.path().join("SHA256SUMS");
-    std::fs::write(&spath, export::sha256sums(&sums)).map_err(Error::io("writing", &spath))?;
-
+    export::write_manifest_and_sums(tmp.path(), &manifest, &artifacts)?;
     // Swap into place.
-    crate::interrupt::check()?;
-    let old = out_parent.join(format!(".{}.old-{}", o.role, std::process::id()));
-    if o.out.exists() {
-        std::fs::rename(&o.out, &old).map_err(Error::io("moving aside", &o.out))?;
-    }
-    let kept = tmp.keep();
-    std::fs::rename(&kept, &o.out).map_err(Error::io("renaming into", &o.out))?;
-    let _ = std::fs::remove_dir_all(&old);
+    export::swap_into_place(tmp, &o.out, &o.role)?;
     Ok(manifest)
 }
 

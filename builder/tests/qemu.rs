@@ -673,3 +673,202 @@ fn a_config_its_checker_rejects_stops_the_build() {
     assert!(!out.exists(), "a failed build left {}", out.display());
     std::fs::remove_dir_all(&proj).unwrap();
 }
+
+fn run_ok(c: &mut Command) -> String {
+    ok(c.output().unwrap())
+}
+
+/// `cmp` of `len` bytes from `from` in two files.
+fn same_range(a: &Path, b: &Path, from: u64, len: u64) -> bool {
+    Command::new("cmp")
+        .arg(format!("--ignore-initial={from}"))
+        .arg(format!("--bytes={len}"))
+        .arg(a)
+        .arg(b)
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[test]
+#[ignore = "builds an image: scripts/test"]
+fn every_format_of_a_real_image_reads_back_as_its_disk() {
+    // The redis image the other tests use, hard-linked (export never writes into its files).
+    let dir = scratch().join("formats");
+    let _ = std::fs::remove_dir_all(&dir);
+    run_ok(Command::new("cp").arg("-al").arg(image()).arg(&dir));
+    let t = Instant::now();
+    let text = ok(
+        cmd(&["export", dir.to_str().unwrap(), "--format", "vhd,vmdk,gce"])
+            .output()
+            .unwrap(),
+    );
+    eprintln!("{text}export: {:.1} s", t.elapsed().as_secs_f64());
+    let m = manifest(&dir);
+    let arts = m["artifacts"].as_array().unwrap();
+    let art = |f: &str| arts.iter().find(|a| a["format"] == f).unwrap().clone();
+    let names: Vec<&str> = arts.iter().map(|a| a["file"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "ncimage-redis.qcow2",
+            "ncimage-redis.raw",
+            "ncimage-redis.vhd",
+            "ncimage-redis.vmdk",
+            "ncimage-redis.gce.tar.gz"
+        ]
+    );
+    for a in arts {
+        eprintln!(
+            "export {:<6} {:>6.1} s",
+            a["format"].as_str().unwrap(),
+            a["seconds"].as_f64().unwrap()
+        );
+    }
+    // Every artifact and the manifest verify with the standard tool.
+    run_ok(
+        Command::new("sha256sum")
+            .args(["-c", "SHA256SUMS"])
+            .current_dir(&dir),
+    );
+    let raw = dir.join("ncimage-redis.raw");
+    let raw_len = std::fs::metadata(&raw).unwrap().len();
+    let raw_sha = art("raw")["sha256"].as_str().unwrap().to_string();
+    assert!(raw_len.is_multiple_of(1 << 20));
+
+    // qemu-img reads each disk format with the raw's size, and converting it back gives the
+    // raw's bytes.
+    for (fmt, qfmt) in [("qcow2", "qcow2"), ("vhd", "vpc"), ("vmdk", "vmdk")] {
+        let file = dir.join(art(fmt)["file"].as_str().unwrap());
+        let info: serde_json::Value = serde_json::from_str(&run_ok(
+            Command::new("qemu-img")
+                .args(["info", "--output=json", "-f", qfmt])
+                .arg(&file),
+        ))
+        .unwrap();
+        assert_eq!(info["format"], qfmt);
+        assert_eq!(info["virtual-size"], raw_len, "{fmt}");
+        assert_eq!(art(fmt)["disk_bytes"], raw_len, "{fmt}");
+        if fmt == "vmdk" {
+            assert_eq!(
+                info["format-specific"]["data"]["create-type"],
+                "streamOptimized"
+            );
+        }
+        let back = scratch().join("formats-back.raw");
+        run_ok(
+            Command::new("qemu-img")
+                .args(["convert", "-f", qfmt, "-O", "raw"])
+                .arg(&file)
+                .arg(&back),
+        );
+        assert_eq!(
+            ncimage::export::sha256_file(&back).unwrap(),
+            raw_sha,
+            "{fmt} converted back to raw"
+        );
+        std::fs::remove_file(&back).unwrap();
+    }
+    // Azure: the VHD is the disk's bytes and a 512-byte fixed-disk footer giving its size.
+    let vhd = dir.join("ncimage-redis.vhd");
+    assert_eq!(std::fs::metadata(&vhd).unwrap().len(), raw_len + 512);
+    assert!(same_range(&raw, &vhd, 0, raw_len));
+    let footer = {
+        use std::os::unix::fs::FileExt;
+        let mut b = [0u8; 512];
+        std::fs::File::open(&vhd)
+            .unwrap()
+            .read_exact_at(&mut b, raw_len)
+            .unwrap();
+        b
+    };
+    assert_eq!(&footer[..8], b"conectix");
+    assert_eq!(
+        u64::from_be_bytes(footer[40..48].try_into().unwrap()),
+        raw_len,
+        "original size"
+    );
+    assert_eq!(
+        u64::from_be_bytes(footer[48..56].try_into().unwrap()),
+        raw_len,
+        "current size"
+    );
+    assert_eq!(
+        u32::from_be_bytes(footer[60..64].try_into().unwrap()),
+        2,
+        "fixed disk"
+    );
+
+    // GCE: gzip is sound; GNU tar lists one sparse disk.raw of a whole number of GiB, which
+    // extracts to the raw's partitions and boot code with a valid GPT at the new end.
+    let tgz = dir.join("ncimage-redis.gce.tar.gz");
+    run_ok(Command::new("gzip").arg("-t").arg(&tgz));
+    let listing = run_ok(Command::new("tar").arg("-tvzf").arg(&tgz));
+    let gce_len = raw_len.div_ceil(1 << 30) << 30;
+    assert_eq!(art("gce")["disk_bytes"], gce_len);
+    assert_eq!(listing.lines().count(), 1, "{listing}");
+    assert!(listing.contains(&format!(" {gce_len} ")), "{listing}");
+    assert!(listing.trim_end().ends_with(" disk.raw"), "{listing}");
+    let header = run_ok(Command::new("sh").arg("-c").arg(format!(
+        "zcat {} | head -c 512 | od -An -c -j 156 -N 1",
+        tgz.display()
+    )));
+    assert_eq!(header.trim(), "S", "a GNU sparse entry");
+    let x = scratch().join("formats-gce");
+    let _ = std::fs::remove_dir_all(&x);
+    std::fs::create_dir_all(&x).unwrap();
+    run_ok(Command::new("tar").arg("-xzf").arg(&tgz).arg("-C").arg(&x));
+    let disk = x.join("disk.raw");
+    let meta = std::fs::metadata(&disk).unwrap();
+    assert_eq!(meta.len(), gce_len);
+    use std::os::unix::fs::MetadataExt;
+    assert!(meta.blocks() * 512 < raw_len / 2, "extracted sparse");
+    assert!(same_range(&raw, &disk, 0, 446), "MBR boot code");
+    let parts = m["disk"]["partitions"].as_array().unwrap();
+    let first = parts[0]["start_lba"].as_u64().unwrap() * 512;
+    let last = parts.last().unwrap();
+    let end = last["start_lba"].as_u64().unwrap() * 512 + last["size_bytes"].as_u64().unwrap();
+    assert!(same_range(&raw, &disk, first, end - first), "partitions");
+    let v = run_ok(Command::new("sgdisk").arg("-v").arg(&disk));
+    assert!(v.contains("No problems found"), "{v}");
+    let table = |f: &Path| -> Vec<String> {
+        run_ok(Command::new("sgdisk").arg("-p").arg(f))
+            .lines()
+            .filter(|l| {
+                l.contains("GUID") || l.trim_start().starts_with(|c: char| c.is_ascii_digit())
+            })
+            .map(String::from)
+            .collect()
+    };
+    assert_eq!(table(&disk), table(&raw));
+    std::fs::remove_dir_all(&x).unwrap();
+
+    // `build --format` writes only what it is asked for.
+    let only = scratch().join("formats-vhd");
+    ok(cmd(&[
+        "build",
+        "--role",
+        ROLE,
+        "--quiet",
+        "--format",
+        "vhd",
+        "--out",
+        only.to_str().unwrap(),
+    ])
+    .output()
+    .unwrap());
+    let mut files: Vec<String> = std::fs::read_dir(&only)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["SHA256SUMS", "manifest.json", "ncimage-redis.vhd"]);
+    run_ok(
+        Command::new("sha256sum")
+            .args(["-c", "SHA256SUMS"])
+            .current_dir(&only),
+    );
+    std::fs::remove_dir_all(&only).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
