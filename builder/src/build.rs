@@ -40,6 +40,8 @@ pub struct Manifest {
     pub luks: LuksInfo,
     pub disk: disk::DiskLayout,
     pub kernel_cmdline: String,
+    /// What the image carries for the clouds, read from the built trees.
+    pub cloud: crate::cloud::CloudInfo,
     pub artifacts: Vec<Artifact>,
     pub timings_seconds: Timings,
     pub packages: Vec<Package>,
@@ -131,6 +133,7 @@ pub const BUILD_TOOLS: &[&str] = &[
 pub fn build(o: &Options) -> Result<Manifest> {
     let layers = o.project.layers_for(&o.role)?;
     let merged = layer::merge(&layers)?;
+    let (wanted, declared_in) = crate::cloud::wanted(&layers)?;
     tools::require_all(BUILD_TOOLS)?;
     let out_parent = o
         .out
@@ -262,6 +265,22 @@ pub fn build(o: &Options) -> Result<Manifest> {
         )?;
     }
 
+    // what the image carries for the clouds (datasources, drivers, consoles), from the trees
+    let cloud = p.stage(
+        "cloud",
+        "datasources, drivers in the kernel and initramfs",
+        || {
+            crate::cloud::inspect(
+                &ov.root_tar,
+                &ov.boot_tar,
+                &work,
+                &cmdline,
+                &wanted,
+                &declared_in,
+            )
+        },
+    )?;
+
     // fs
     let root_img = work.join("root.img");
     let boot_img = work.join("boot.img");
@@ -367,6 +386,7 @@ pub fn build(o: &Options) -> Result<Manifest> {
                         h.update(l.digest(sub).unwrap_or_default());
                     }
                     h.update(std::fs::read(l.dir.join(l.manifest_file())).unwrap_or_default());
+                    h.update(std::fs::read(l.dir.join("cloud.toml")).unwrap_or_default());
                     LayerRef {
                         name: l.name.clone(),
                         kind: l.kind,
@@ -399,6 +419,7 @@ pub fn build(o: &Options) -> Result<Manifest> {
         luks: luks_info,
         disk: layout,
         kernel_cmdline: cmdline,
+        cloud,
         artifacts: artifacts.clone(),
         timings_seconds: p.timings.clone(),
         packages: root.packages.clone(),

@@ -647,3 +647,35 @@ fn export_adds_formats_to_the_manifest_and_sha256sums() {
         String::from_utf8_lossy(&check.stdout)
     );
 }
+
+#[test]
+fn a_malformed_cloud_toml_is_located_before_any_bootstrap() {
+    let d = tempfile::tempdir().unwrap();
+    let proj = project_copy(d.path());
+    std::fs::write(
+        proj.join("overlays/base/cloud.toml"),
+        "datasources = [\"NoCloud\"]\n[drivers.nvme]\ninitramfs = [\"nvme\"]\nmodules = [\"x\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ncimage"))
+        .args(["build", "--role", "redis", "--out", "out/redis"])
+        .current_dir(d.path())
+        .env("NCIMAGE_PROJECT", &proj)
+        .env("NCIMAGE_CACHE", d.path().join("cache"))
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    fails_with(
+        &out,
+        &[
+            "overlays/base/cloud.toml:4:1",
+            "modules",
+            "initramfs, kernel",
+        ],
+    );
+    assert!(
+        !d.path().join("cache/rootfs").exists(),
+        "bootstrapped before the check"
+    );
+    no_artifacts(d.path());
+}

@@ -872,3 +872,183 @@ fn every_format_of_a_real_image_reads_back_as_its_disk() {
     std::fs::remove_dir_all(&only).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Names in an initramfs, listed by the host's cpio and zstd: the uncompressed newc archives
+/// at its start (walked here only to find where they end), then the compressed rest.
+fn initramfs_listing(initrd: &Path) -> Vec<String> {
+    let data = std::fs::read(initrd).unwrap();
+    let mut pos = 0usize;
+    loop {
+        while pos < data.len() && data[pos] == 0 {
+            pos += 1;
+        }
+        if !data[pos..].starts_with(b"070701") {
+            break;
+        }
+        loop {
+            let h = &data[pos..pos + 110];
+            let field = |i: usize| {
+                usize::from_str_radix(std::str::from_utf8(&h[6 + 8 * i..14 + 8 * i]).unwrap(), 16)
+                    .unwrap()
+            };
+            let (size, namesize) = (field(6), field(11));
+            let name = &data[pos + 110..pos + 110 + namesize - 1];
+            pos = (pos + 110 + namesize).div_ceil(4) * 4;
+            pos = (pos + size).div_ceil(4) * 4;
+            if name == b"TRAILER!!!" {
+                break;
+            }
+        }
+    }
+    let dir = initrd.parent().unwrap();
+    std::fs::write(dir.join("early.cpio"), &data[..pos]).unwrap();
+    std::fs::write(dir.join("main.cpio.zst"), &data[pos..]).unwrap();
+    let listing = run_ok(
+        Command::new("sh")
+            .arg("-c")
+            .arg("set -e; cpio -t --quiet < early.cpio; zstd -dcq main.cpio.zst | cpio -t --quiet")
+            .current_dir(dir),
+    );
+    listing.lines().map(String::from).collect()
+}
+
+#[test]
+#[ignore = "builds an image: scripts/test"]
+fn the_image_carries_cloud_datasources_drivers_and_a_serial_console() {
+    let dir = image();
+    let m = manifest(dir);
+    let cloud = &m["cloud"];
+    let list = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .unwrap_or_else(|| panic!("not a list: {v}"))
+            .iter()
+            .map(|x| x.as_str().unwrap().to_string())
+            .collect()
+    };
+    // cloud-init lists every target's datasource (read from the image's cloud-init config);
+    // NoCloud first, so a seed wins wherever one is attached.
+    let ds = list(&cloud["datasources"]);
+    assert_eq!(ds.first().map(String::as_str), Some("NoCloud"), "{ds:?}");
+    for want in [
+        "ConfigDrive",
+        "OpenStack",
+        "Ec2",
+        "GCE",
+        "Azure",
+        "DigitalOcean",
+        "Hetzner",
+    ] {
+        assert!(ds.iter().any(|d| d == want), "{want} missing from {ds:?}");
+    }
+    for want in ["tty0", "ttyS0"] {
+        assert!(
+            list(&cloud["consoles"]).iter().any(|c| c == want),
+            "{cloud}"
+        );
+    }
+    let kernel = cloud["kernel"].as_str().unwrap();
+
+    // The /boot file system of the raw disk (plain ext4), read with debugfs.
+    let raw = dir.join("ncimage-redis.raw");
+    let boot = m["disk"]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "boot")
+        .unwrap()["start_lba"]
+        .as_u64()
+        .unwrap()
+        * 512;
+    let fs = format!("{}?offset={boot}", raw.display());
+    let debugfs = |req: &str| run_ok(Command::new("debugfs").arg("-R").arg(req).arg(&fs));
+    // GRUB boots the kernel with both consoles, the serial one last (/dev/console).
+    let grub = debugfs("cat /grub/grub.cfg");
+    let linux = grub
+        .lines()
+        .find(|l| l.trim_start().starts_with("linux "))
+        .unwrap();
+    assert!(
+        linux.contains("console=tty0 console=ttyS0,115200n8"),
+        "{grub}"
+    );
+    assert!(grub.contains("terminal_output serial"), "{grub}");
+
+    let work = scratch().join("cloud-initrd");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    let initrd = work.join("initrd.img");
+    debugfs(&format!("dump /initrd.img-{kernel} {}", initrd.display()));
+    let files = initramfs_listing(&initrd);
+    let config = debugfs(&format!("cat /config-{kernel}"));
+    let setting = |name: &str| -> String {
+        config
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .unwrap_or("n")
+            .to_string()
+    };
+    let in_initrd = |module: &str| {
+        files.iter().any(|f| {
+            f.rsplit('/')
+                .next()
+                .unwrap()
+                .split(".ko")
+                .next()
+                .unwrap()
+                .replace('-', "_")
+                == module
+                && f.contains(".ko")
+        })
+    };
+    // Storage: built in, or a module in the initramfs, so the root is found on every target.
+    for (module, option) in [
+        ("virtio_pci", "CONFIG_VIRTIO_PCI"),
+        ("virtio_blk", "CONFIG_VIRTIO_BLK"),
+        ("virtio_scsi", "CONFIG_SCSI_VIRTIO"),
+        ("nvme", "CONFIG_BLK_DEV_NVME"),
+        ("hv_vmbus", "CONFIG_HYPERV"),
+        ("hv_storvsc", "CONFIG_HYPERV_STORAGE"),
+    ] {
+        let s = setting(option);
+        assert!(
+            s == "y" || (s == "m" && in_initrd(module)),
+            "{module}: {option}={s}, in the initramfs: {}",
+            in_initrd(module)
+        );
+        let rec = cloud["drivers"]
+            .as_object()
+            .unwrap()
+            .values()
+            .any(|d| list(&d["initramfs"]).iter().any(|x| x == module));
+        assert!(
+            rec,
+            "the manifest does not record {module} in the initramfs: {cloud}"
+        );
+    }
+    // NICs: built for this kernel (the guest's modinfo proves the module files in the boot
+    // checks); the manifest records them in the kernel's module tree.
+    for (module, option) in [
+        ("virtio_net", "CONFIG_VIRTIO_NET"),
+        ("ena", "CONFIG_ENA_ETHERNET"),
+        ("gve", "CONFIG_GVE"),
+        ("hv_netvsc", "CONFIG_HYPERV_NET"),
+    ] {
+        assert!(["y", "m"].contains(&setting(option).as_str()), "{option}");
+        let rec = cloud["drivers"]
+            .as_object()
+            .unwrap()
+            .values()
+            .any(|d| list(&d["kernel"]).iter().any(|x| x == module));
+        assert!(rec, "the manifest does not record {module}: {cloud}");
+    }
+    assert_eq!(
+        cloud["initramfs_modules"].as_u64().unwrap() as usize,
+        files
+            .iter()
+            .filter(|f| f.contains(".ko"))
+            .map(|f| f.rsplit('/').next().unwrap().to_string())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+    );
+    std::fs::remove_dir_all(&work).unwrap();
+}
