@@ -336,6 +336,8 @@ pub fn reexport(dir: &Path, formats: &[Format]) -> Result<Vec<Artifact>> {
     if !dir.is_dir() {
         return Err(not_output("no such folder".into()));
     }
+    // `.` or a path through a link: the folder's own name and parent are needed for the swap.
+    let dir = &std::fs::canonicalize(dir).map_err(Error::io("resolving", dir))?;
     let mpath = dir.join("manifest.json");
     let text = match std::fs::read_to_string(&mpath) {
         Ok(t) => t,
