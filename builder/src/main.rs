@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use ncimage::layer::Project;
 use ncimage::qemu::Firmware;
+use ncimage::spec::Format;
 use ncimage::{build, firstboot, interrupt, rootfs, spec::Spec, vmtest};
 
 #[derive(Parser)]
@@ -42,6 +43,21 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
         /// No progress output.
+        #[arg(short, long)]
+        quiet: bool,
+        /// Output formats instead of the spec's `formats` (comma-separated): qcow2, raw,
+        /// vhd (Azure), vmdk (streamOptimized: AWS, VMware), gce (tar.gz).
+        #[arg(long, value_delimiter = ',', value_parser = Format::parse)]
+        format: Vec<Format>,
+    },
+    /// Write more formats of a built image from its raw disk (or qcow2), into the same folder;
+    /// manifest.json and SHA256SUMS are updated.
+    Export {
+        /// The folder `ncimage build` wrote (e.g. out/redis).
+        image: PathBuf,
+        /// Formats to write (comma-separated): qcow2, raw, vhd, vmdk, gce.
+        #[arg(long, required = true, value_delimiter = ',', value_parser = Format::parse)]
+        format: Vec<Format>,
         #[arg(short, long)]
         quiet: bool,
     },
@@ -296,8 +312,12 @@ fn run(cli: Cli) -> ncimage::Result<()> {
             spec,
             out,
             quiet,
+            format,
         } => {
-            let spec = Spec::load(spec.as_deref())?;
+            let mut spec = Spec::load(spec.as_deref())?;
+            if !format.is_empty() {
+                spec.image.formats = format;
+            }
             let project = Project::locate(cli.project.as_deref())?;
             let guest_binary = std::env::current_exe()
                 .map_err(ncimage::Error::io("locating", "the ncimage binary"))?;
@@ -346,6 +366,28 @@ fn run(cli: Cli) -> ncimage::Result<()> {
                             .map(|(k, v)| format!("{k} {v:.1} s"))
                             .collect::<Vec<_>>()
                             .join(", ")
+                    );
+                }
+            }
+            Ok(())
+        }
+        Cmd::Export {
+            image,
+            format,
+            quiet,
+        } => {
+            let written = ncimage::export::reexport(&image, &format)?;
+            if !quiet {
+                println!("exported into {}", image.display());
+                for a in &written {
+                    println!(
+                        "  {} {:>6} MiB ({} MiB allocated, disk {} MiB) sha256 {} in {:.1} s",
+                        a.file,
+                        a.size_bytes >> 20,
+                        a.allocated_bytes >> 20,
+                        a.disk_bytes >> 20,
+                        &a.sha256[..16],
+                        a.seconds
                     );
                 }
             }
