@@ -400,7 +400,7 @@ fn up_inner(
             Ok(())
         });
     }
-    let child = cmd
+    let mut child = cmd
         .spawn()
         .map_err(Error::io("starting", "ncimage lab supervise"))?;
     // The supervisor writes state.json once every QEMU runs.
@@ -409,7 +409,8 @@ fn up_inner(
         if let Ok(s) = read_state(&o.dir) {
             break s;
         }
-        if !alive(child.id()) {
+        // try_wait, not kill(pid, 0): a supervisor that exited is a zombie until reaped.
+        if !matches!(child.try_wait(), Ok(None)) {
             return Err(Error::Vm(format!(
                 "the lab's supervisor stopped: {}",
                 std::fs::read_to_string(&log).unwrap_or_default().trim()

@@ -497,8 +497,9 @@ impl Vm {
             agent: Agent::new(&cfg.name, &paths.qga_socket),
             paths,
         };
-        // QEMU creates its listening sockets before the guest runs.
-        let deadline = Instant::now() + Duration::from_secs(15);
+        // QEMU creates its listening sockets before the guest runs (within a second on an idle
+        // host; give a loaded one time).
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = vm.exit_status() {
                 return Err(vm.died(status, "at start"));
@@ -508,7 +509,7 @@ impl Vm {
             }
             if Instant::now() >= deadline {
                 return Err(Error::Vm(format!(
-                    "QEMU for {} did not create its sockets within 15 s\n{}",
+                    "QEMU for {} did not create its sockets within 60 s\n{}",
                     vm.name,
                     vm.diagnostics()
                 )));
