@@ -4,6 +4,7 @@
 
 pub mod archive;
 pub mod build;
+pub mod cloud;
 pub mod cluster;
 pub mod disk;
 pub mod error;

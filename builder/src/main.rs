@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use ncimage::layer::Project;
 use ncimage::qemu::Firmware;
+use ncimage::spec::Format;
 use ncimage::{build, firstboot, interrupt, rootfs, spec::Spec, vmtest};
 
 #[derive(Parser)]
@@ -44,6 +45,21 @@ enum Cmd {
         /// No progress output.
         #[arg(short, long)]
         quiet: bool,
+        /// Output formats instead of the spec's `formats` (comma-separated): qcow2, raw,
+        /// vhd (Azure), vmdk (streamOptimized: AWS, VMware), gce (tar.gz).
+        #[arg(long, value_delimiter = ',', value_parser = Format::parse)]
+        format: Vec<Format>,
+    },
+    /// Write more formats of a built image from its raw disk (or qcow2), into the same folder;
+    /// manifest.json and SHA256SUMS are updated.
+    Export {
+        /// The folder `ncimage build` wrote (e.g. out/redis).
+        image: PathBuf,
+        /// Formats to write (comma-separated): qcow2, raw, vhd, vmdk, gce.
+        #[arg(long, required = true, value_delimiter = ',', value_parser = Format::parse)]
+        format: Vec<Format>,
+        #[arg(short, long)]
+        quiet: bool,
     },
     /// Boot a built image under QEMU with a fresh seed and assert its checks.
     Test {
@@ -63,6 +79,9 @@ enum Cmd {
         cpus: u32,
         #[arg(short, long)]
         quiet: bool,
+        /// The NoCloud seed's filesystem.
+        #[arg(long, value_enum, default_value = "vfat")]
+        seed: TestSeed,
     },
     /// Print every template of a role rendered (first-boot ones for the test node; secrets by name).
     Render {
@@ -96,7 +115,6 @@ enum Cmd {
         /// The cluster's secrets file; default: ~/.config/ncimage/<cluster>.secrets.toml.
         #[arg(long)]
         secrets: Option<PathBuf>,
-        /// nocloud: a FAT volume labelled cidata; user-data: the #cloud-config for a cloud.
         #[arg(long, value_enum, default_value = "nocloud")]
         format: SeedFormat,
         /// MAC address of the node's private NIC (the network config matches it); without one,
@@ -263,9 +281,31 @@ impl LabArgs {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
+enum TestSeed {
+    /// A FAT volume labelled cidata.
+    Vfat,
+    /// An ISO 9660 volume labelled cidata.
+    Iso,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
 enum SeedFormat {
+    /// NoCloud: a FAT volume labelled cidata.
     Nocloud,
+    /// NoCloud: an ISO 9660 volume labelled cidata.
+    Iso,
+    /// The #cloud-config for a cloud's user-data.
     UserData,
+}
+
+impl From<SeedFormat> for ncimage::seed::Format {
+    fn from(f: SeedFormat) -> Self {
+        match f {
+            SeedFormat::Nocloud => ncimage::seed::Format::Vfat,
+            SeedFormat::Iso => ncimage::seed::Format::Iso,
+            SeedFormat::UserData => ncimage::seed::Format::UserData,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -311,8 +351,12 @@ fn run(cli: Cli) -> ncimage::Result<()> {
             spec,
             out,
             quiet,
+            format,
         } => {
-            let spec = Spec::load(spec.as_deref())?;
+            let mut spec = Spec::load(spec.as_deref())?;
+            if !format.is_empty() {
+                spec.image.formats = format;
+            }
             let project = Project::locate(cli.project.as_deref())?;
             let guest_binary = std::env::current_exe()
                 .map_err(ncimage::Error::io("locating", "the ncimage binary"))?;
@@ -366,6 +410,28 @@ fn run(cli: Cli) -> ncimage::Result<()> {
             }
             Ok(())
         }
+        Cmd::Export {
+            image,
+            format,
+            quiet,
+        } => {
+            let written = ncimage::export::reexport(&image, &format)?;
+            if !quiet {
+                println!("exported into {}", image.display());
+                for a in &written {
+                    println!(
+                        "  {} {:>6} MiB ({} MiB allocated, disk {} MiB) sha256 {} in {:.1} s",
+                        a.file,
+                        a.size_bytes >> 20,
+                        a.allocated_bytes >> 20,
+                        a.disk_bytes >> 20,
+                        &a.sha256[..16],
+                        a.seconds
+                    );
+                }
+            }
+            Ok(())
+        }
         Cmd::Test {
             role,
             image,
@@ -374,6 +440,7 @@ fn run(cli: Cli) -> ncimage::Result<()> {
             memory,
             cpus,
             quiet,
+            seed,
         } => {
             let project = Project::locate(cli.project.as_deref())?;
             let image_dir = image.unwrap_or_else(|| PathBuf::from("out").join(&role));
@@ -386,6 +453,10 @@ fn run(cli: Cli) -> ncimage::Result<()> {
                 memory_mib: memory,
                 cpus,
                 quiet,
+                seed: match seed {
+                    TestSeed::Vfat => ncimage::seed::Format::Vfat,
+                    TestSeed::Iso => ncimage::seed::Format::Iso,
+                },
             })?;
             Ok(())
         }
@@ -554,8 +625,11 @@ fn run(cli: Cli) -> ncimage::Result<()> {
                 stagger,
             } => {
                 let (spec, dir) = lab.load()?;
+                let project = Project::locate(cli.project.as_deref())?;
+                let order = ncimage::cluster::boot_order(&spec, &project)?;
                 ncimage::lab::supervise(&ncimage::lab::SuperviseOptions {
                     spec,
+                    order,
                     dir,
                     images,
                     stagger: std::time::Duration::from_secs(stagger),
@@ -595,15 +669,25 @@ fn run(cli: Cli) -> ncimage::Result<()> {
                 Some(s) => s,
                 None => ncimage::secrets::default_path(&spec)?,
             };
-            let user_data = matches!(format, SeedFormat::UserData);
             let out = out.unwrap_or_else(|| {
                 PathBuf::from(format!(
                     "{node}.{}",
-                    if user_data { "user-data" } else { "seed.img" }
+                    match format {
+                        SeedFormat::Nocloud => "seed.img",
+                        SeedFormat::Iso => "seed.iso",
+                        SeedFormat::UserData => "user-data",
+                    }
                 ))
             });
-            let role =
-                ncimage::seed::write_node(&spec, &project, &node, &secrets, mac, user_data, &out)?;
+            let role = ncimage::seed::write_node(
+                &spec,
+                &project,
+                &node,
+                &secrets,
+                mac,
+                format.into(),
+                &out,
+            )?;
             println!("{}: seed of {node} ({role})", out.display());
             Ok(())
         }

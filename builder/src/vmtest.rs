@@ -24,6 +24,8 @@ pub struct Options {
     pub memory_mib: u32,
     pub cpus: u32,
     pub quiet: bool,
+    /// The NoCloud seed's filesystem (vfat or ISO 9660).
+    pub seed: seed::Format,
 }
 
 #[derive(Debug, Clone)]
@@ -97,7 +99,7 @@ pub fn run(o: &Options) -> Result<Report> {
         &format!("{}-{}", cfg.node.name, hex::encode(nonce)),
         &[],
     )
-    .write_vfat(&seed_path)?;
+    .write(o.seed, &seed_path)?;
 
     // Host ends of two forwards (127.0.0.1 only): SSH, declared by every image, and a port no
     // layer declares, for the firewall's traffic test.
