@@ -130,6 +130,7 @@ enum Cmd {
         /// Folder of the built image (manifest.json); default: out/<role>.
         #[arg(required_unless_present = "role", conflicts_with = "role")]
         image_dir: Option<PathBuf>,
+        /// Upload out/<role>.
         #[arg(long)]
         role: Option<String>,
         /// A target of the targets file, or s3://bucket[/prefix].
@@ -141,6 +142,7 @@ enum Cmd {
         /// Object storage endpoint (overrides the target's), e.g. http://127.0.0.1:9000.
         #[arg(long)]
         endpoint: Option<String>,
+        /// Region of the bucket (and of the cloud's API).
         #[arg(long)]
         region: Option<String>,
         /// Path-style addressing (endpoint/bucket/key).
@@ -152,6 +154,7 @@ enum Cmd {
         /// Profile of ~/.aws/credentials.
         #[arg(long)]
         profile: Option<String>,
+        /// Multipart part size (default 16; doubled as needed to fit 10 000 parts).
         #[arg(long)]
         part_size_mib: Option<u64>,
         /// Parts sent at once.
