@@ -445,12 +445,22 @@ fn up_inner(
         o.stagger.as_secs()
     ));
     let mut last: HashMap<String, String> = HashMap::new();
+    // Nodes that reported `joined` are not asked again (each question runs a process in a
+    // guest that shares the CPU with the ones still booting): only their QEMU is watched.
+    let mut joined_nodes: std::collections::HashSet<String> = Default::default();
     loop {
         crate::interrupt::check()?;
         let state = read_state(&o.dir)?;
         let mut all = state.nodes.len() == o.spec.nodes.len();
         for n in &state.nodes {
-            let (joined, line) = node_status(n);
+            let (joined, line) = if joined_nodes.contains(&n.name) && alive(n.qemu_pid) {
+                (true, last.get(&n.name).cloned().unwrap_or_default())
+            } else {
+                node_status(n)
+            };
+            if joined {
+                joined_nodes.insert(n.name.clone());
+            }
             all &= joined;
             if last.get(&n.name) != Some(&line) {
                 say(&format!("{:>6.0} s  {line}", t.elapsed().as_secs_f64()));

@@ -218,8 +218,8 @@ enum LabCmd {
         /// Leave the lab running when `up` fails, to look inside.
         #[arg(long)]
         keep: bool,
-        /// Seconds between two VM starts.
-        #[arg(long, default_value_t = 25)]
+        /// Seconds between two VM starts (later ones run at a lower priority).
+        #[arg(long, default_value_t = 10)]
         stagger: u64,
     },
     /// Every node's join status.
@@ -257,7 +257,7 @@ enum LabCmd {
         lab: LabArgs,
         #[arg(long)]
         images: PathBuf,
-        #[arg(long, default_value_t = 25)]
+        #[arg(long, default_value_t = 10)]
         stagger: u64,
     },
 }
