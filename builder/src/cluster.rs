@@ -395,8 +395,7 @@ pub fn check_roles(spec: &Spec, project: &Project) -> Result<()> {
 
 /// The spec's node indexes in boot order: first the nodes of roles that others wait for
 /// (role.toml `[cluster] joins_after`), each after what it waits for, then the nodes nobody
-/// waits for, also in dependency order; within a level the roles' first nodes (their
-/// primaries) before their second ones; spec order otherwise. On few cores, booting the
+/// waits for, also in dependency order; spec order otherwise. On few cores, booting the
 /// critical path first shortens a cold start.
 pub fn boot_order(spec: &Spec, project: &Project) -> Result<Vec<usize>> {
     let known = project.roles();
@@ -446,16 +445,12 @@ pub fn boot_order(spec: &Spec, project: &Project) -> Result<Vec<usize>> {
     }
     let waited_for: BTreeSet<&String> = after.values().flatten().collect();
     let mut keyed = Vec::new();
-    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
     for (i, n) in spec.nodes.iter().enumerate() {
         let leaf = !waited_for.contains(&n.role);
-        // Within a level, every role's first node (its primary) before any second one.
-        let nth = seen.entry(n.role.as_str()).or_default();
-        *nth += 1;
-        keyed.push((leaf, depth(&n.role, &after, &mut Vec::new())?, *nth, i));
+        keyed.push((leaf, depth(&n.role, &after, &mut Vec::new())?, i));
     }
     keyed.sort();
-    Ok(keyed.into_iter().map(|(_, _, _, i)| i).collect())
+    Ok(keyed.into_iter().map(|(_, _, i)| i).collect())
 }
 
 /// The topology as templates see it: settings, every node with its 1-based index within its
@@ -760,10 +755,6 @@ mod tests {
             assert!(pos(dep) < pos("app-1"), "{order:?}");
         }
         assert!(pos("db-1") < pos("db-2"), "spec order within a role");
-        assert!(
-            pos("redis-1") < pos("db-2") && pos("nfs-1") < pos("db-2"),
-            "primaries first: {order:?}"
-        );
         assert!(pos("app-2") < pos("lb-1"), "{order:?}");
         assert_eq!(*order.last().unwrap(), "lb-2", "{order:?}");
     }
