@@ -131,14 +131,7 @@ pub fn write_node(
 impl Seed {
     /// Writes the seed as a FAT volume labelled `cidata` (mode 0600: it holds secrets).
     pub fn write_vfat(&self, path: &Path) -> Result<()> {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(crate::Error::io("creating", path))?;
+        write_private(path, b"")?;
         crate::fat::make_fat(
             path,
             2 << 20,

@@ -11,7 +11,6 @@ use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use indicatif::{ProgressBar, ProgressStyle};
 use md5::{Digest, Md5};
 
 use super::credentials::{env_secret, Secret};
@@ -384,19 +383,7 @@ fn write_pages(
     quiet: bool,
 ) -> Result<(u64, u64)> {
     let f = std::fs::File::open(file).map_err(Error::io("opening", file))?;
-    let bar = if quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(size)
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{prefix} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
-        )
-        .expect("template")
-        .progress_chars("=> "),
-    );
-    bar.set_prefix("azure pages");
+    let bar = crate::progress::transfer_bar(size, "azure pages", quiet);
     let sep = if sas.contains('?') { '&' } else { '?' };
     let url = format!("{sas}{sep}comp=page");
     let (tx, rx) = mpsc::sync_channel::<(u64, Vec<u8>)>(threads);

@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use indicatif::{ProgressBar, ProgressStyle};
 use md5::{Digest, Md5};
 use serde::Deserialize;
 
@@ -354,19 +353,7 @@ pub fn upload_and_insert(
         md5.update(&buf[..n]);
         pos += n as u64;
     }
-    let bar = if quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(size)
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{prefix} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
-        )
-        .expect("template")
-        .progress_chars("=> "),
-    );
-    bar.set_prefix(format!("upload gs://{bucket}/{object}"));
+    let bar = crate::progress::transfer_bar(size, format!("upload gs://{bucket}/{object}"), quiet);
     bar.set_position(offset);
     while done_reply.is_none() {
         crate::interrupt::check()?;
