@@ -40,6 +40,8 @@ pub struct Manifest {
     pub luks: LuksInfo,
     pub disk: disk::DiskLayout,
     pub kernel_cmdline: String,
+    /// What the image carries for the clouds, read from the built trees.
+    pub cloud: crate::cloud::CloudInfo,
     pub artifacts: Vec<Artifact>,
     pub timings_seconds: Timings,
     pub packages: Vec<Package>,
@@ -133,6 +135,7 @@ pub const BUILD_TOOLS: &[&str] = &[
 pub fn build(o: &Options) -> Result<Manifest> {
     let layers = o.project.layers_for(&o.role)?;
     let merged = layer::merge(&layers)?;
+    let (wanted, declared_in) = crate::cloud::wanted(&layers)?;
     tools::require_all(BUILD_TOOLS)?;
     let out_parent = o
         .out
@@ -264,6 +267,22 @@ pub fn build(o: &Options) -> Result<Manifest> {
         )?;
     }
 
+    // what the image carries for the clouds (datasources, drivers, consoles), from the trees
+    let cloud = p.stage(
+        "cloud",
+        "datasources, drivers in the kernel and initramfs",
+        || {
+            crate::cloud::inspect(
+                &ov.root_tar,
+                &ov.boot_tar,
+                &work,
+                &cmdline,
+                &wanted,
+                &declared_in,
+            )
+        },
+    )?;
+
     // fs
     let root_img = work.join("root.img");
     let boot_img = work.join("boot.img");
@@ -343,7 +362,11 @@ pub fn build(o: &Options) -> Result<Manifest> {
 
     // export
     let artifacts = p.stage("export", "formats, manifest, checksums", || {
-        export::write_formats(tmp.path(), &stem, &o.spec.image.formats)
+        let a = export::write_formats(tmp.path(), &stem, &o.spec.image.formats)?;
+        if !o.spec.image.formats.contains(&crate::spec::Format::Raw) {
+            std::fs::remove_file(&raw).map_err(Error::io("removing", &raw))?;
+        }
+        Ok(a)
     })?;
     let manifest = Manifest {
         ncimage_version: env!("CARGO_PKG_VERSION").into(),
@@ -365,6 +388,7 @@ pub fn build(o: &Options) -> Result<Manifest> {
                         h.update(l.digest(sub).unwrap_or_default());
                     }
                     h.update(std::fs::read(l.dir.join(l.manifest_file())).unwrap_or_default());
+                    h.update(std::fs::read(l.dir.join("cloud.toml")).unwrap_or_default());
                     LayerRef {
                         name: l.name.clone(),
                         kind: l.kind,
@@ -397,35 +421,16 @@ pub fn build(o: &Options) -> Result<Manifest> {
         luks: luks_info,
         disk: layout,
         kernel_cmdline: cmdline,
+        cloud,
         artifacts: artifacts.clone(),
         timings_seconds: p.timings.clone(),
         packages: root.packages.clone(),
         archives: archives.clone(),
         volumes: merged.volumes.clone(),
     };
-    let mpath = tmp.path().join("manifest.json");
-    let mtext = serde_json::to_string_pretty(&manifest).expect("serialisable") + "\n";
-    std::fs::write(&mpath, &mtext).map_err(Error::io("writing", &mpath))?;
-    let mut sums: Vec<(String, String)> = artifacts
-        .iter()
-        .map(|a| (a.sha256.clone(), a.file.clone()))
-        .collect();
-    sums.push((
-        hex::encode(Sha256::digest(mtext.as_bytes())),
-        "manifest.json".into(),
-    ));
-    let spath = tmp.path().join("SHA256SUMS");
-    std::fs::write(&spath, export::sha256sums(&sums)).map_err(Error::io("writing", &spath))?;
-
+    export::write_manifest_and_sums(tmp.path(), &manifest, &artifacts)?;
     // Swap into place.
-    crate::interrupt::check()?;
-    let old = out_parent.join(format!(".{}.old-{}", o.role, std::process::id()));
-    if o.out.exists() {
-        std::fs::rename(&o.out, &old).map_err(Error::io("moving aside", &o.out))?;
-    }
-    let kept = tmp.keep();
-    std::fs::rename(&kept, &o.out).map_err(Error::io("renaming into", &o.out))?;
-    let _ = std::fs::remove_dir_all(&old);
+    export::swap_into_place(tmp, &o.out, &o.role)?;
     Ok(manifest)
 }
 

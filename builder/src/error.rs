@@ -65,6 +65,11 @@ pub enum Error {
     #[diagnostic(code(ncimage::vm))]
     Vm(String),
 
+    /// An upload or a cloud call failed (what, where, and what to do).
+    #[error("{what}")]
+    #[diagnostic(code(ncimage::upload), help("{help}"))]
+    Upload { what: String, help: String },
+
     /// A declared check failed in the booted guest.
     #[error("{failed} of {total} checks failed in the guest")]
     #[diagnostic(code(ncimage::checks), help("the serial log of the guest is at {log}"))]
@@ -90,6 +95,13 @@ impl Error {
 
     pub fn invalid(what: impl Into<String>, help: impl Into<String>) -> Error {
         Error::Invalid {
+            what: what.into(),
+            help: help.into(),
+        }
+    }
+
+    pub fn upload(what: impl Into<String>, help: impl Into<String>) -> Error {
+        Error::Upload {
             what: what.into(),
             help: help.into(),
         }

@@ -4,6 +4,7 @@
 
 pub mod archive;
 pub mod build;
+pub mod cloud;
 pub mod cluster;
 pub mod disk;
 pub mod error;
@@ -28,6 +29,7 @@ pub mod seed;
 pub mod spec;
 pub mod template;
 pub mod tools;
+pub mod upload;
 pub mod validate;
 pub mod vmtest;
 pub mod volume;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use ncimage::layer::Project;
 use ncimage::qemu::Firmware;
+use ncimage::spec::Format;
 use ncimage::{build, firstboot, interrupt, rootfs, spec::Spec, vmtest};
 
 #[derive(Parser)]
@@ -44,6 +45,21 @@ enum Cmd {
         /// No progress output.
         #[arg(short, long)]
         quiet: bool,
+        /// Output formats instead of the spec's `formats` (comma-separated): qcow2, raw,
+        /// vhd (Azure), vmdk (streamOptimized: AWS, VMware), gce (tar.gz).
+        #[arg(long, value_delimiter = ',', value_parser = Format::parse)]
+        format: Vec<Format>,
+    },
+    /// Write more formats of a built image from its raw disk (or qcow2), into the same folder;
+    /// manifest.json and SHA256SUMS are updated.
+    Export {
+        /// The folder `ncimage build` wrote (e.g. out/redis).
+        image: PathBuf,
+        /// Formats to write (comma-separated): qcow2, raw, vhd, vmdk, gce.
+        #[arg(long, required = true, value_delimiter = ',', value_parser = Format::parse)]
+        format: Vec<Format>,
+        #[arg(short, long)]
+        quiet: bool,
     },
     /// Boot a built image under QEMU with a fresh seed and assert its checks.
     Test {
@@ -67,6 +83,9 @@ enum Cmd {
         /// embedded spec.
         #[arg(long)]
         spec: Option<PathBuf>,
+        /// The NoCloud seed's filesystem.
+        #[arg(long, value_enum, default_value = "vfat")]
+        seed: TestSeed,
     },
     /// Print every template of a role rendered (first-boot ones for the test node; secrets by name).
     Render {
@@ -105,7 +124,6 @@ enum Cmd {
         /// The cluster's secrets file; default: ~/.config/ncimage/<cluster>.secrets.toml.
         #[arg(long)]
         secrets: Option<PathBuf>,
-        /// nocloud: a FAT volume labelled cidata; user-data: the #cloud-config for a cloud.
         #[arg(long, value_enum, default_value = "nocloud")]
         format: SeedFormat,
         /// MAC address of the node's private NIC (the network config matches it); without one,
@@ -115,6 +133,44 @@ enum Cmd {
         /// Output file; default: <node>.seed.img or <node>.user-data.
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// Upload a built image to S3-compatible storage or a cloud (README.md: Uploading).
+    Upload {
+        /// Folder of the built image (manifest.json); default: out/<role>.
+        #[arg(required_unless_present = "role", conflicts_with = "role")]
+        image_dir: Option<PathBuf>,
+        /// Upload out/<role>.
+        #[arg(long)]
+        role: Option<String>,
+        /// A target of the targets file, or s3://bucket[/prefix].
+        #[arg(long)]
+        to: String,
+        /// Targets file; default: ~/.config/ncimage/targets.toml.
+        #[arg(long)]
+        targets: Option<PathBuf>,
+        /// Object storage endpoint (overrides the target's), e.g. http://127.0.0.1:9000.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Region of the bucket (and of the cloud's API).
+        #[arg(long)]
+        region: Option<String>,
+        /// Path-style addressing (endpoint/bucket/key).
+        #[arg(long)]
+        path_style: bool,
+        /// Artifact to upload: raw, qcow2, vhd, vmdk, gce (default: the provider's choice).
+        #[arg(long)]
+        format: Option<String>,
+        /// Profile of ~/.aws/credentials.
+        #[arg(long)]
+        profile: Option<String>,
+        /// Multipart part size (default 16; doubled as needed to fit 10 000 parts).
+        #[arg(long)]
+        part_size_mib: Option<u64>,
+        /// Parts sent at once.
+        #[arg(long)]
+        threads: Option<usize>,
+        #[arg(short, long)]
+        quiet: bool,
     },
     /// In the guest: run this node's join steps (run by ncimage-join.service after first boot).
     Join {
@@ -183,8 +239,8 @@ enum LabCmd {
         /// Leave the lab running when `up` fails, to look inside.
         #[arg(long)]
         keep: bool,
-        /// Seconds between two VM starts.
-        #[arg(long, default_value_t = 25)]
+        /// Seconds between two VM starts (later ones run at a lower priority).
+        #[arg(long, default_value_t = 10)]
         stagger: u64,
     },
     /// Every node's join status.
@@ -222,7 +278,7 @@ enum LabCmd {
         lab: LabArgs,
         #[arg(long)]
         images: PathBuf,
-        #[arg(long, default_value_t = 25)]
+        #[arg(long, default_value_t = 10)]
         stagger: u64,
     },
 }
@@ -249,9 +305,31 @@ impl LabArgs {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
+enum TestSeed {
+    /// A FAT volume labelled cidata.
+    Vfat,
+    /// An ISO 9660 volume labelled cidata.
+    Iso,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
 enum SeedFormat {
+    /// NoCloud: a FAT volume labelled cidata.
     Nocloud,
+    /// NoCloud: an ISO 9660 volume labelled cidata.
+    Iso,
+    /// The #cloud-config for a cloud's user-data.
     UserData,
+}
+
+impl From<SeedFormat> for ncimage::seed::Format {
+    fn from(f: SeedFormat) -> Self {
+        match f {
+            SeedFormat::Nocloud => ncimage::seed::Format::Vfat,
+            SeedFormat::Iso => ncimage::seed::Format::Iso,
+            SeedFormat::UserData => ncimage::seed::Format::UserData,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -265,7 +343,11 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| filter.into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| filter.into())
+                // ureq's debug log prints request lines and headers (presigned and SAS URLs,
+                // session tokens): never, whatever RUST_LOG says.
+                .add_directive("ureq=warn".parse().expect("directive")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -293,8 +375,12 @@ fn run(cli: Cli) -> ncimage::Result<()> {
             spec,
             out,
             quiet,
+            format,
         } => {
-            let spec = Spec::load(spec.as_deref())?;
+            let mut spec = Spec::load(spec.as_deref())?;
+            if !format.is_empty() {
+                spec.image.formats = format;
+            }
             let project = Project::locate(cli.project.as_deref())?;
             let guest_binary = std::env::current_exe()
                 .map_err(ncimage::Error::io("locating", "the ncimage binary"))?;
@@ -348,6 +434,28 @@ fn run(cli: Cli) -> ncimage::Result<()> {
             }
             Ok(())
         }
+        Cmd::Export {
+            image,
+            format,
+            quiet,
+        } => {
+            let written = ncimage::export::reexport(&image, &format)?;
+            if !quiet {
+                println!("exported into {}", image.display());
+                for a in &written {
+                    println!(
+                        "  {} {:>6} MiB ({} MiB allocated, disk {} MiB) sha256 {} in {:.1} s",
+                        a.file,
+                        a.size_bytes >> 20,
+                        a.allocated_bytes >> 20,
+                        a.disk_bytes >> 20,
+                        &a.sha256[..16],
+                        a.seconds
+                    );
+                }
+            }
+            Ok(())
+        }
         Cmd::Test {
             role,
             image,
@@ -357,6 +465,7 @@ fn run(cli: Cli) -> ncimage::Result<()> {
             cpus,
             quiet,
             spec,
+            seed,
         } => {
             let project = Project::locate(cli.project.as_deref())?;
             let image_dir = image.unwrap_or_else(|| PathBuf::from("out").join(&role));
@@ -371,6 +480,10 @@ fn run(cli: Cli) -> ncimage::Result<()> {
                 cpus,
                 quiet,
                 policy,
+                seed: match seed {
+                    TestSeed::Vfat => ncimage::seed::Format::Vfat,
+                    TestSeed::Iso => ncimage::seed::Format::Iso,
+                },
             })?;
             Ok(())
         }
@@ -380,6 +493,43 @@ fn run(cli: Cli) -> ncimage::Result<()> {
             for f in ncimage::render::render(&project, &spec, &role, node.as_deref())? {
                 println!("==> {} ({}, from {})", f.path, f.phase, f.source);
                 println!("{}", f.text.trim_end());
+            }
+            Ok(())
+        }
+        Cmd::Upload {
+            image_dir,
+            role,
+            to,
+            targets,
+            endpoint,
+            region,
+            path_style,
+            format,
+            profile,
+            part_size_mib,
+            threads,
+            quiet,
+        } => {
+            let image_dir = image_dir
+                .unwrap_or_else(|| PathBuf::from("out").join(role.as_deref().unwrap_or_default()));
+            let report = ncimage::upload::run(&ncimage::upload::Options {
+                image_dir,
+                to,
+                targets_file: targets,
+                overrides: ncimage::upload::target::Overrides {
+                    endpoint,
+                    region,
+                    path_style,
+                    format,
+                    part_size_mib,
+                    threads,
+                    profile,
+                },
+                quiet,
+                state_dir: ncimage::upload::default_state_dir(),
+            })?;
+            for line in report.lines {
+                println!("{line}");
             }
             Ok(())
         }
@@ -502,8 +652,11 @@ fn run(cli: Cli) -> ncimage::Result<()> {
                 stagger,
             } => {
                 let (spec, dir) = lab.load()?;
+                let project = Project::locate(cli.project.as_deref())?;
+                let order = ncimage::cluster::boot_order(&spec, &project)?;
                 ncimage::lab::supervise(&ncimage::lab::SuperviseOptions {
                     spec,
+                    order,
                     dir,
                     images,
                     stagger: std::time::Duration::from_secs(stagger),
@@ -543,15 +696,25 @@ fn run(cli: Cli) -> ncimage::Result<()> {
                 Some(s) => s,
                 None => ncimage::secrets::default_path(&spec)?,
             };
-            let user_data = matches!(format, SeedFormat::UserData);
             let out = out.unwrap_or_else(|| {
                 PathBuf::from(format!(
                     "{node}.{}",
-                    if user_data { "user-data" } else { "seed.img" }
+                    match format {
+                        SeedFormat::Nocloud => "seed.img",
+                        SeedFormat::Iso => "seed.iso",
+                        SeedFormat::UserData => "user-data",
+                    }
                 ))
             });
-            let role =
-                ncimage::seed::write_node(&spec, &project, &node, &secrets, mac, user_data, &out)?;
+            let role = ncimage::seed::write_node(
+                &spec,
+                &project,
+                &node,
+                &secrets,
+                mac,
+                format.into(),
+                &out,
+            )?;
             println!("{}: seed of {node} ({role})", out.display());
             Ok(())
         }

@@ -60,3 +60,25 @@ impl Progress {
         }
     }
 }
+
+/// A transfer bar (bytes, throughput, eta) for `size` bytes labelled `prefix`; hidden when quiet.
+pub fn transfer_bar(
+    size: u64,
+    prefix: impl Into<std::borrow::Cow<'static, str>>,
+    quiet: bool,
+) -> indicatif::ProgressBar {
+    let bar = if quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(size)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta} {msg}",
+        )
+        .expect("template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(prefix);
+    bar
+}

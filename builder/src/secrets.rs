@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::layer::{SecretDecl, SecretKind};
 
 /// A temporary folder (mode 0700, removed when dropped) for key material.
-fn private_tempdir(prefix: &str) -> Result<tempfile::TempDir> {
+pub fn private_tempdir(prefix: &str) -> Result<tempfile::TempDir> {
     tempfile::Builder::new()
         .prefix(prefix)
         .tempdir()

@@ -55,15 +55,50 @@ pub fn nocloud(cfg: &NodeConfig, instance_id: &str, ssh_keys: &[String]) -> Seed
     }
 }
 
-/// Writes the seed of one node of a cluster spec (NoCloud FAT volume, or the user-data alone
-/// for a cloud), mode 0600, via a temporary file renamed into place. Returns the node's role.
+/// How a seed is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// NoCloud: a FAT volume labelled `cidata`.
+    Vfat,
+    /// NoCloud: an ISO 9660 volume labelled `cidata` (xorriso).
+    Iso,
+    /// The #cloud-config alone, for a cloud's user-data.
+    UserData,
+}
+
+impl Seed {
+    /// Writes the seed in `format` to `path` (mode 0600: it holds secrets).
+    pub fn write(&self, format: Format, path: &Path) -> Result<()> {
+        match format {
+            Format::Vfat => self.write_vfat(path),
+            Format::Iso => self.write_iso(path),
+            Format::UserData => write_private(path, self.user_data.as_bytes()),
+        }
+    }
+}
+
+fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(data))
+        .map_err(crate::Error::io("writing", path))
+}
+
+/// Writes the seed of one node of a cluster spec, mode 0600, via a temporary file renamed into
+/// place. Returns the node's role.
 pub fn write_node(
     spec: &crate::spec::Spec,
     project: &crate::layer::Project,
     node: &str,
     secrets_file: &Path,
     mac: Option<String>,
-    user_data_only: bool,
+    format: Format,
     out: &Path,
 ) -> Result<String> {
     let cluster = spec.cluster.as_ref().ok_or_else(|| {
@@ -87,12 +122,7 @@ pub fn write_node(
         .prefix(".seed-")
         .tempfile_in(dir)
         .map_err(crate::Error::io("creating a file in", dir))?;
-    if user_data_only {
-        std::fs::write(tmp.path(), &seed.user_data)
-            .map_err(crate::Error::io("writing", tmp.path()))?;
-    } else {
-        seed.write_vfat(tmp.path())?;
-    }
+    seed.write(format, tmp.path())?;
     tmp.persist(out)
         .map_err(|e| crate::Error::io("writing", out)(e.error))?;
     Ok(cfg.node.role)
@@ -101,14 +131,7 @@ pub fn write_node(
 impl Seed {
     /// Writes the seed as a FAT volume labelled `cidata` (mode 0600: it holds secrets).
     pub fn write_vfat(&self, path: &Path) -> Result<()> {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(crate::Error::io("creating", path))?;
+        write_private(path, b"")?;
         crate::fat::make_fat(
             path,
             2 << 20,
@@ -120,6 +143,33 @@ impl Seed {
                 ("network-config", self.network_config.as_bytes()),
             ],
         )
+    }
+
+    /// Writes the seed as an ISO 9660 volume (Rock Ridge, Joliet) labelled `cidata`, mode 0600.
+    pub fn write_iso(&self, path: &Path) -> Result<()> {
+        let xorriso = crate::tools::require("xorriso")?;
+        let src = crate::secrets::private_tempdir("ncimage-seed-")?;
+        for (name, data) in [
+            ("meta-data", &self.meta_data),
+            ("user-data", &self.user_data),
+            ("network-config", &self.network_config),
+        ] {
+            write_private(&src.path().join(name), data.as_bytes())?;
+        }
+        // xorriso replaces the file: create it 0600 first and let it write into it.
+        write_private(path, b"")?;
+        crate::tools::run(
+            std::process::Command::new(xorriso)
+                .args([
+                    "-as", "mkisofs", "-quiet", "-volid", "cidata", "-joliet", "-rock",
+                ])
+                .arg("-output")
+                .arg(path)
+                .arg(src.path()),
+        )?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(crate::Error::io("protecting", path))
     }
 }
 
@@ -172,6 +222,47 @@ mod tests {
                 && s.network_config.contains("via: \"10.0.2.2\"")
         );
         assert!(s.user_data.contains("ssh-ed25519 AAAA test"));
+    }
+
+    #[test]
+    fn iso_seed_is_private_labelled_and_readable() {
+        use std::os::unix::fs::PermissionsExt;
+        if crate::tools::which("xorriso").is_none() {
+            panic!("xorriso is missing: scripts/setup-host installs it");
+        }
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("seed.iso");
+        let s = nocloud(&cfg(), "i-1", &[]);
+        s.write_iso(&p).unwrap();
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let bytes = std::fs::read(&p).unwrap();
+        // The primary volume descriptor at sector 16: type 1, "CD001", volume id at byte 40.
+        let pvd = &bytes[16 * 2048..17 * 2048];
+        assert_eq!(&pvd[..6], b"\x01CD001");
+        assert_eq!(
+            std::str::from_utf8(&pvd[40..72]).unwrap().trim_end(),
+            "cidata"
+        );
+        // Read user-data back with xorriso.
+        let out = std::process::Command::new("xorriso")
+            .args(["-indev"])
+            .arg(&p)
+            .args(["-osirrox", "on", "-extract", "/user-data"])
+            .arg(d.path().join("ud"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("ud")).unwrap(),
+            s.user_data
+        );
     }
 
     #[test]

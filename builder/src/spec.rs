@@ -96,19 +96,66 @@ pub struct RoleOverrides {
     pub encryption: Option<crate::rekey::UnlockPolicy>,
 }
 
+/// An output format of the disk (see export.rs for each one's size rules).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
+    /// QEMU's qcow2 (OpenStack, Proxmox, libvirt).
     Qcow2,
+    /// The raw disk, sparse (Hetzner-style dd, DigitalOcean).
     Raw,
+    /// Azure: a fixed VHD, a whole number of MiB plus the 512-byte footer.
+    Vhd,
+    /// VMDK streamOptimized (AWS import, VMware).
+    Vmdk,
+    /// GCE: `disk.raw` (a multiple of 1 GiB) in a GNU sparse tar, gzip.
+    Gce,
 }
 
 impl Format {
-    pub fn extension(self) -> &'static str {
+    pub const ALL: [Format; 5] = [
+        Format::Qcow2,
+        Format::Raw,
+        Format::Vhd,
+        Format::Vmdk,
+        Format::Gce,
+    ];
+
+    pub fn name(self) -> &'static str {
         match self {
             Format::Qcow2 => "qcow2",
             Format::Raw => "raw",
+            Format::Vhd => "vhd",
+            Format::Vmdk => "vmdk",
+            Format::Gce => "gce",
         }
+    }
+
+    /// File name suffix of the artifact.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Format::Gce => "gce.tar.gz",
+            f => f.name(),
+        }
+    }
+
+    /// Parses a format name (command line), naming the known ones on error.
+    pub fn parse(s: &str) -> std::result::Result<Format, String> {
+        Format::ALL
+            .into_iter()
+            .find(|f| f.name() == s.trim().to_ascii_lowercase())
+            .ok_or_else(|| {
+                format!(
+                    "unknown format `{s}`: use one or more of {}",
+                    Format::ALL.map(|f| f.name()).join(", ")
+                )
+            })
+    }
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -304,7 +351,7 @@ impl Spec {
         if self.image.formats.is_empty() {
             return bad(
                 "image.formats is empty".into(),
-                "list at least one of \"qcow2\", \"raw\"",
+                "list at least one of \"qcow2\", \"raw\", \"vhd\", \"vmdk\", \"gce\"",
             );
         }
         if self.luks.cipher != "aes-xts-plain64" || self.luks.key_bits != 512 {
@@ -458,7 +505,7 @@ mod tests {
         assert!(err("suite = \"bookworm\"").contains("not supported"));
         assert!(err("[image]\nroot_size = \"10M\"").contains("root_size"));
         assert!(err("[image]\nformats = []").contains("formats"));
-        assert!(err("[image]\nformats = [\"vmdk\"]").contains("vmdk"));
+        assert!(err("[image]\nformats = [\"vdi\"]").contains("vdi"));
         assert!(err("[luks]\npbkdf_memory_kib = 0").contains("pbkdf"));
         assert!(err("[image]\nroot_size = \"2Q\"").contains("suffix"));
     }

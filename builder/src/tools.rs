@@ -27,6 +27,7 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("openssl", "openssl"),
     ("ssh-keygen", "openssh-client"),
     ("gpg", "gpg"),
+    ("xorriso", "xorriso"),
 ];
 
 /// Finds `tool` on PATH or fails naming the package that provides it.

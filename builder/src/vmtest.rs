@@ -27,6 +27,8 @@ pub struct Options {
     /// The test node's unlock policy (the spec's for the role). A policy with tpm2 gets a
     /// vTPM (swtpm) when swtpm is installed.
     pub policy: crate::rekey::UnlockPolicy,
+    /// The NoCloud seed's filesystem (vfat or ISO 9660).
+    pub seed: seed::Format,
 }
 
 #[derive(Debug, Clone)]
@@ -107,37 +109,50 @@ pub fn run(o: &Options) -> Result<Report> {
         &format!("{}-{}", cfg.node.name, hex::encode(nonce)),
         &[],
     )
-    .write_vfat(&seed_path)?;
+    .write(o.seed, &seed_path)?;
 
     // Host ends of two forwards (127.0.0.1 only): SSH, declared by every image, and a port no
-    // layer declares, for the firewall's traffic test.
-    let (ssh_port, probe_port) = (free_port()?, free_port()?);
-    say(&format!(
-        "booting {} ({:?}, {} MiB, {} vCPU) with a fresh seed for {}",
-        disk.display(),
-        o.firmware,
-        o.memory_mib,
-        o.cpus,
-        cfg.node.name
-    ));
-    let start = Instant::now();
-    let vm = Vm::start(VmConfig {
-        name: cfg.node.name.clone(),
-        disk,
-        extra_disks: vec![seed_path],
-        firmware: o.firmware,
-        memory_mib: o.memory_mib,
-        cpus: o.cpus,
-        workdir: work.path().join("vm"),
-        network: true,
-        forwards: vec![(ssh_port, 22), (probe_port, PROBE_PORT)],
-        kernel: None,
-        lan: None,
-        tpm: (o.policy.tpm2 && crate::tools::which("swtpm").is_some())
-            .then(|| work.path().join("tpm")),
-        guest_services: Vec::new(),
-        data_disks: data_disks(&merged.volumes, work.path())?,
-    })?;
+    // layer declares, for the firewall's traffic test. A port picked here can be taken by another
+    // process (a test booting beside this one) before QEMU binds it: then pick again.
+    let tpm =
+        (o.policy.tpm2 && crate::tools::which("swtpm").is_some()).then(|| work.path().join("tpm"));
+    let data_disks = data_disks(&merged.volumes, work.path())?;
+    let mut attempt = 0;
+    let (vm, start, ssh_port, probe_port) = loop {
+        attempt += 1;
+        let [ssh_port, probe_port] = free_ports::<2>()?;
+        say(&format!(
+            "booting {} ({:?}, {} MiB, {} vCPU) with a fresh seed for {}",
+            disk.display(),
+            o.firmware,
+            o.memory_mib,
+            o.cpus,
+            cfg.node.name
+        ));
+        let start = Instant::now();
+        match Vm::start(VmConfig {
+            name: cfg.node.name.clone(),
+            disk: disk.clone(),
+            extra_disks: vec![seed_path.clone()],
+            firmware: o.firmware,
+            memory_mib: o.memory_mib,
+            cpus: o.cpus,
+            workdir: work.path().join("vm"),
+            network: true,
+            forwards: vec![(ssh_port, 22), (probe_port, PROBE_PORT)],
+            kernel: None,
+            lan: None,
+            tpm: tpm.clone(),
+            guest_services: Vec::new(),
+            data_disks: data_disks.clone(),
+        }) {
+            Ok(vm) => break (vm, start, ssh_port, probe_port),
+            Err(e) if attempt < 3 && e.to_string().contains("Could not set up host forwarding") => {
+                say("a forwarded port was taken before QEMU bound it; picking new ports");
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let deadline = start + o.timeout;
     let left = || deadline.saturating_duration_since(Instant::now());
     vm.wait_agent(left())?;
@@ -286,12 +301,20 @@ pub fn data_disks(volumes: &[layer::VolumeDecl], dir: &Path) -> Result<Vec<(Path
 /// A port no layer declares (the traffic test listens there in the guest).
 const PROBE_PORT: u16 = 7777;
 
-fn free_port() -> Result<u16> {
-    let l =
-        std::net::TcpListener::bind("127.0.0.1:0").map_err(Error::io("binding", "127.0.0.1:0"))?;
-    Ok(l.local_addr()
-        .map_err(Error::io("binding", "127.0.0.1:0"))?
-        .port())
+/// `N` distinct free ports on 127.0.0.1: every listener is held until all are picked, so the
+/// kernel cannot hand out one port twice.
+fn free_ports<const N: usize>() -> Result<[u16; N]> {
+    let bind =
+        || std::net::TcpListener::bind("127.0.0.1:0").map_err(Error::io("binding", "127.0.0.1:0"));
+    let listeners = (0..N).map(|_| bind()).collect::<Result<Vec<_>>>()?;
+    let mut ports = [0; N];
+    for (p, l) in ports.iter_mut().zip(&listeners) {
+        *p = l
+            .local_addr()
+            .map_err(Error::io("binding", "127.0.0.1:0"))?
+            .port();
+    }
+    Ok(ports)
 }
 
 /// Sends a line to 127.0.0.1:port and returns what comes back within `wait`.
@@ -438,6 +461,15 @@ fn with_log(e: Error, vm: &Vm) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_ports_are_distinct() {
+        // The CI failure this guards against: two forwards given the same host port.
+        for _ in 0..200 {
+            let [a, b, c] = free_ports::<3>().unwrap();
+            assert!(a != b && b != c && a != c, "{a} {b} {c}");
+        }
+    }
 
     fn check(stdout: Option<&str>, contains: &[&str]) -> layer::Check {
         layer::Check {

@@ -524,3 +524,215 @@ fn inspect_refuses_what_is_not_an_image() {
     let out = ncimage(&["inspect", "empty"], d.path());
     fails_with(&out, &["holds no ncimage-*.qcow2 or .raw"]);
 }
+
+#[test]
+fn an_unknown_format_is_named_with_the_known_ones() {
+    let d = tempfile::tempdir().unwrap();
+    fails_with(
+        &ncimage(
+            &["build", "--role", "redis", "--format", "qcow2,vdi"],
+            d.path(),
+        ),
+        &["unknown format `vdi`", "qcow2, raw, vhd, vmdk, gce"],
+    );
+    no_artifacts(d.path());
+    std::fs::create_dir(d.path().join("img")).unwrap();
+    fails_with(
+        &ncimage(&["export", "img", "--format", "ova"], d.path()),
+        &["unknown format `ova`"],
+    );
+    fails_with(&ncimage(&["export", "img"], d.path()), &["--format"]);
+    std::fs::write(d.path().join("s.toml"), "[image]\nformats = [\"vdi\"]\n").unwrap();
+    fails_with(
+        &ncimage(&["build", "--role", "redis", "--spec", "s.toml"], d.path()),
+        &["s.toml:2:", "vdi"],
+    );
+}
+
+/// A folder shaped like `ncimage build`'s output for role `t`: a small raw disk (data and
+/// holes), its manifest and SHA256SUMS. Returns the raw's sha256.
+fn fake_output(dir: &Path) -> String {
+    use std::os::unix::fs::FileExt;
+    std::fs::create_dir_all(dir).unwrap();
+    let raw = dir.join("ncimage-t.raw");
+    let f = std::fs::File::create(&raw).unwrap();
+    f.set_len(4 << 20).unwrap();
+    f.write_all_at(b"ncimage test disk", 1 << 20).unwrap();
+    let sha = String::from_utf8(Command::new("sha256sum").arg(&raw).output().unwrap().stdout)
+        .unwrap()[..64]
+        .to_string();
+    let manifest = serde_json::json!({
+        "role": "t",
+        "artifacts": [{"file": "ncimage-t.raw", "format": "raw", "size_bytes": 4 << 20,
+                       "allocated_bytes": 4096, "sha256": sha}],
+    });
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+    std::fs::write(dir.join("SHA256SUMS"), format!("{sha}  ncimage-t.raw\n")).unwrap();
+    sha
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn export_of_a_folder_that_is_not_an_ncimage_output() {
+    let d = tempfile::tempdir().unwrap();
+    fails_with(
+        &ncimage(&["export", "nowhere", "--format", "vhd"], d.path()),
+        &["nowhere is not an ncimage output folder: no such folder"],
+    );
+    std::fs::create_dir(d.path().join("empty")).unwrap();
+    fails_with(
+        &ncimage(&["export", "empty", "--format", "vhd"], d.path()),
+        &[
+            "empty is not an ncimage output folder: it has no manifest.json",
+            "out/redis",
+        ],
+    );
+    std::fs::write(d.path().join("empty/manifest.json"), "{ not json").unwrap();
+    fails_with(
+        &ncimage(&["export", "empty", "--format", "vhd"], d.path()),
+        &["manifest.json is not JSON"],
+    );
+    std::fs::write(d.path().join("empty/manifest.json"), "{\"role\": \"t\"}").unwrap();
+    fails_with(
+        &ncimage(&["export", "empty", "--format", "vhd"], d.path()),
+        &["no valid artifacts list"],
+    );
+    // Only a VHD: nothing to export from.
+    std::fs::write(
+        d.path().join("empty/manifest.json"),
+        r#"{"role": "t", "artifacts": [{"file": "ncimage-t.vhd", "format": "vhd", "size_bytes": 1, "allocated_bytes": 1, "sha256": "00"}]}"#,
+    )
+    .unwrap();
+    fails_with(
+        &ncimage(&["export", "empty", "--format", "gce"], d.path()),
+        &["neither a raw nor a qcow2 disk", "rebuild the image"],
+    );
+    // Nothing was written beside the folder.
+    assert!(!entries(d.path()).iter().any(|e| e.starts_with('.')));
+}
+
+#[test]
+fn export_refuses_a_disk_changed_after_the_build_and_leaves_the_folder_as_it_was() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("out/t");
+    fake_output(&img);
+    let before = entries(&img);
+    let manifest = std::fs::read(img.join("manifest.json")).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(img.join("ncimage-t.raw"))
+            .unwrap();
+        f.write_all_at(b"tampered", 2 << 20).unwrap();
+    }
+    fails_with(
+        &ncimage(&["export", "out/t", "--format", "vhd"], d.path()),
+        &[
+            "ncimage-t.raw: its sha256 differs from manifest.json",
+            "rebuild",
+        ],
+    );
+    assert_eq!(entries(&img), before);
+    assert_eq!(std::fs::read(img.join("manifest.json")).unwrap(), manifest);
+    assert_eq!(entries(&d.path().join("out")), ["t"]);
+    std::fs::remove_file(img.join("ncimage-t.raw")).unwrap();
+    fails_with(
+        &ncimage(&["export", "out/t", "--format", "vhd"], d.path()),
+        &["the manifest lists ncimage-t.raw but the file is missing"],
+    );
+}
+
+#[test]
+fn export_adds_formats_to_the_manifest_and_sha256sums() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("out/t");
+    let raw_sha = fake_output(&img);
+    let out = ncimage(&["export", "out/t", "--format", "vhd,qcow2"], d.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        entries(&img),
+        [
+            "SHA256SUMS",
+            "manifest.json",
+            "ncimage-t.qcow2",
+            "ncimage-t.raw",
+            "ncimage-t.vhd"
+        ]
+    );
+    // Nothing left beside the folder (the temporary one was renamed into place).
+    assert_eq!(entries(&d.path().join("out")), ["t"]);
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(img.join("manifest.json")).unwrap()).unwrap();
+    let arts = m["artifacts"].as_array().unwrap();
+    let formats: Vec<&str> = arts.iter().map(|a| a["format"].as_str().unwrap()).collect();
+    assert_eq!(formats, ["qcow2", "raw", "vhd"]);
+    assert_eq!(arts[1]["sha256"], raw_sha.as_str(), "raw untouched");
+    let vhd = arts.iter().find(|a| a["format"] == "vhd").unwrap();
+    assert_eq!(vhd["size_bytes"], (4 << 20) + 512);
+    assert_eq!(vhd["disk_bytes"], 4 << 20);
+    let sums = std::fs::read_to_string(img.join("SHA256SUMS")).unwrap();
+    for f in [
+        "ncimage-t.qcow2",
+        "ncimage-t.raw",
+        "ncimage-t.vhd",
+        "manifest.json",
+    ] {
+        assert!(sums.contains(&format!("  {f}\n")), "{sums}");
+    }
+    let check = Command::new("sha256sum")
+        .args(["-c", "SHA256SUMS"])
+        .current_dir(&img)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+}
+
+#[test]
+fn a_malformed_cloud_toml_is_located_before_any_bootstrap() {
+    let d = tempfile::tempdir().unwrap();
+    let proj = project_copy(d.path());
+    std::fs::write(
+        proj.join("overlays/base/cloud.toml"),
+        "datasources = [\"NoCloud\"]\n[drivers.nvme]\ninitramfs = [\"nvme\"]\nmodules = [\"x\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ncimage"))
+        .args(["build", "--role", "redis", "--out", "out/redis"])
+        .current_dir(d.path())
+        .env("NCIMAGE_PROJECT", &proj)
+        .env("NCIMAGE_CACHE", d.path().join("cache"))
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    fails_with(
+        &out,
+        &[
+            "overlays/base/cloud.toml:4:1",
+            "modules",
+            "initramfs, kernel",
+        ],
+    );
+    assert!(
+        !d.path().join("cache/rootfs").exists(),
+        "bootstrapped before the check"
+    );
+    no_artifacts(d.path());
+}
