@@ -898,9 +898,49 @@ mod enc {
         std::fs::write(&f, format!("{kept}{name} {vk}\n")).unwrap();
     }
 
-    /// The root's volume key as dm-crypt holds it (hex).
-    pub fn volume_key(vm: &Vm) -> String {
-        sh(vm, "dmsetup table --showkeys root | awk '{ print $5 }'")
+    /// The root's volume key (hex), read on the host from a copy of the LUKS header with the
+    /// recovery key (in the guest, dm-crypt holds it in the kernel keyring, out of sight).
+    pub fn volume_key(disk: &Path, recovery: &str, work: &Path) -> String {
+        let parts = ncimage::inspect::gpt_of(disk, work).unwrap();
+        let header = work.join("vk-header.bin");
+        let _ = std::fs::remove_file(&header);
+        ncimage::inspect::extract_luks_header(disk, &parts, &header).unwrap();
+        let kf = work.join("vk.key");
+        std::fs::write(&kf, recovery.trim()).unwrap();
+        let out = Command::new("cryptsetup")
+            .args([
+                "luksDump",
+                "--dump-volume-key",
+                "--batch-mode",
+                "--disable-locks",
+                "--key-file",
+            ])
+            .arg(&kf)
+            .arg(&header)
+            .output()
+            .unwrap();
+        let _ = std::fs::remove_file(&kf);
+        let _ = std::fs::remove_file(&header);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut hex = String::new();
+        let mut on = false;
+        for l in text.lines() {
+            if let Some(rest) = l.strip_prefix("MK dump:").or(l.strip_prefix("Volume key:")) {
+                on = true;
+                hex.push_str(rest);
+            } else if on && l.starts_with(char::is_whitespace) {
+                hex.push_str(l);
+            } else {
+                on = false;
+            }
+        }
+        hex.retain(|c| c.is_ascii_hexdigit());
+        hex
     }
 
     /// Whether `key` opens the LUKS header of `disk`'s root (a copy of the header region, on the
@@ -1102,8 +1142,6 @@ fn first_boot_rekeys_resumes_after_power_loss_and_unlocks_with_tpm2() {
                 && status.contains("unlock: tpm2 + recovery key"),
             "{status}"
         );
-        let vk = volume_key(&vm);
-        assert_eq!(vk.len(), 128, "{vk}");
         sh(
             &vm,
             &format!("printf '%s\\n' {canary} > /root/canary && sync"),
@@ -1119,6 +1157,8 @@ fn first_boot_rekeys_resumes_after_power_loss_and_unlocks_with_tpm2() {
             "/dev/mapper/data-redis"
         );
         vm.shutdown(Duration::from_secs(120)).unwrap();
+        let vk = volume_key(&m.disk, &m.recovery, &work);
+        assert_eq!(vk.len(), 128, "{vk}");
         vk
     };
     // Boot 3: the vTPM unlocks the root; nobody types anything.
@@ -1137,10 +1177,10 @@ fn first_boot_rekeys_resumes_after_power_loss_and_unlocks_with_tpm2() {
             ),
             canary
         );
-        assert_eq!(volume_key(&vm), vk);
         assert_eq!(sh(&vm, "systemctl is-enabled ncimage-rekey.service; test -e /etc/ncimage/keys/enroll.key && echo key || echo nokey"), "enabled\nnokey");
         vm.shutdown(Duration::from_secs(120)).unwrap();
     }
+    assert_eq!(volume_key(&m.disk, &m.recovery, &work), vk);
     // On the host: nothing shipped in the image opens the disk; the recovery key does.
     assert!(
         !key_opens(&m.disk, &enroll, &work),
@@ -1198,6 +1238,8 @@ fn a_second_machine_gets_its_own_key_unlocks_with_tang_and_at_the_console() {
         ..Default::default()
     };
     let mut m = machine("tang", policy);
+    let work = m.dir.join("host");
+    std::fs::create_dir_all(&work).unwrap();
     let vk = {
         let vm = m.boot(false, Some(&keys_dir));
         let secs = ready(&vm, Duration::from_secs(1200));
@@ -1211,19 +1253,18 @@ fn a_second_machine_gets_its_own_key_unlocks_with_tang_and_at_the_console() {
             sh(&vm, "cryptsetup luksDump $(cryptsetup status root | awk '/device:/ { print $2 }') | awk '/PBKDF:/ { p = $2 } /Time cost:/ { t = $3 } /Memory:/ { m = $2 } /Threads:/ { printf \"%s%s %s KiB %s iter %s lane\", sep, p, m, t, $2; sep = \"; \" }'")
         ));
         assert!(status.contains("unlock: tang + recovery key"), "{status}");
-        let vk = volume_key(&vm);
         vm.shutdown(Duration::from_secs(120)).unwrap();
-        vk
+        volume_key(&m.disk, &m.recovery, &work)
     };
     assert_eq!(vk.len(), 128);
     volume_key_is_new("tang", &vk);
     {
         let vm = m.boot(false, Some(&keys_dir));
         vm.wait_agent(Duration::from_secs(600)).unwrap();
-        assert_eq!(volume_key(&vm), vk);
         unlock_figure(&vm, "tang (tangd in the guest network)");
         vm.shutdown(Duration::from_secs(120)).unwrap();
     }
+    assert_eq!(volume_key(&m.disk, &m.recovery, &work), vk);
     {
         let prompt = "Please unlock disk root";
         let vm = m.boot(false, None);
@@ -1239,7 +1280,6 @@ fn a_second_machine_gets_its_own_key_unlocks_with_tang_and_at_the_console() {
         vm.type_serial(format!("{}\n", m.recovery).as_bytes())
             .unwrap();
         vm.wait_agent(Duration::from_secs(600)).unwrap();
-        assert_eq!(volume_key(&vm), vk);
         figure(&format!(
             "encryption: recovery key typed at the console: guest agent up {:.0} s later",
             typed.elapsed().as_secs_f64()
@@ -1251,6 +1291,7 @@ fn a_second_machine_gets_its_own_key_unlocks_with_tang_and_at_the_console() {
         );
         vm.shutdown(Duration::from_secs(120)).unwrap();
     }
+    assert_eq!(volume_key(&m.disk, &m.recovery, &work), vk);
     eprintln!(
         "tang machine: whole test {:.0} s",
         t0.elapsed().as_secs_f64()
