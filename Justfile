@@ -33,17 +33,25 @@ boot role=role firmware="uefi":
 run role=role:
     scripts/build-and-boot {{role}}
 
-# Every test, as CI runs it.
+# The tests as CI runs them (the QEMU tests in qemu-tests/extended skipped).
 test:
     scripts/test
+
+# Every test, the extended QEMU tests included (nfs, lb, backup, collabora boots, every export format).
+test-all:
+    scripts/test --all
 
 # Fast tests only (unit and CLI, no QEMU).
 test-unit:
     cargo test
 
-# The QEMU tests only (real builds and boots).
+# The QEMU tests only (real builds and boots), all of them.
 test-qemu:
     cargo test --test qemu -- --ignored --test-threads=1
+
+# Only the QEMU tests CI skips (qemu-tests/extended).
+test-qemu-extended:
+    cargo test --test qemu -- --ignored --test-threads=1 --exact $(grep -v '^#' qemu-tests/extended)
 
 # The whole lab cluster: build every image (fixtures for app and collabora), boot it, test it, tear it down.
 lab:
