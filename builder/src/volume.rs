@@ -7,7 +7,8 @@
 //!   node's policy, so the volume does too) and the node's recovery key as a second keyslot;
 //!   ext4 inside, with what the image had at the mount point copied over; crypttab and fstab
 //!   lines so that systemd opens and mounts it at every later boot;
-//! - later boots: nothing to make; the unit only checks that the volume is mounted.
+//! - later boots: nothing to make; the unit waits for the volume's mount (crypttab and fstab say
+//!   `nofail`, so a missing disk does not stop the boot: only the volume's services fail).
 //!
 //! The services a volume names get drop-ins (build time) ordering them after this unit and
 //! RequiresMountsFor= its mount point, so they never start on the root's copy.
@@ -33,7 +34,7 @@ pub fn serial(v: &VolumeDecl) -> String {
 /// The crypttab line of a volume.
 pub fn crypttab_line(v: &VolumeDecl, luks_uuid: &str) -> String {
     format!(
-        "{} UUID={luks_uuid} /etc/ncimage/volume-keys/{}.key luks,discard\n",
+        "{} UUID={luks_uuid} /etc/ncimage/volume-keys/{}.key luks,discard,nofail\n",
         mapping(v),
         v.name
     )
@@ -42,7 +43,7 @@ pub fn crypttab_line(v: &VolumeDecl, luks_uuid: &str) -> String {
 /// The fstab line of a volume.
 pub fn fstab_line(v: &VolumeDecl) -> String {
     format!(
-        "/dev/mapper/{} {} ext4 defaults,nodev,nosuid 0 2\n",
+        "/dev/mapper/{} {} ext4 defaults,nodev,nosuid,nofail 0 2\n",
         mapping(v),
         v.mount
     )
@@ -90,8 +91,17 @@ fn make(
     let fstab = root.join("etc/fstab");
     let ct = std::fs::read_to_string(&crypttab).map_err(Error::io("reading", &crypttab))?;
     if has_line(&ct, &map) {
-        let src =
-            run(Command::new("findmnt").args(["-no", "SOURCE", &v.mount])).unwrap_or_default();
+        let mounted =
+            || run(Command::new("findmnt").args(["-no", "SOURCE", &v.mount])).unwrap_or_default();
+        let mut src = mounted();
+        if src.trim().is_empty() {
+            // nofail: the boot does not wait for the volume; its mount unit (which pulls in
+            // systemd-cryptsetup@) is started here, and this waits for it.
+            let unit =
+                run(Command::new("systemd-escape").args(["--path", "--suffix=mount", &v.mount]))?;
+            let _ = run(Command::new("systemctl").args(["start", unit.trim()]));
+            src = mounted();
+        }
         return if src.trim() == format!("/dev/mapper/{map}") {
             Ok(format!("volume {}: {} on {map} (LUKS2)", v.name, v.mount))
         } else {
@@ -271,11 +281,11 @@ mod tests {
         assert_eq!(serial(&v), "ncimage-db");
         assert_eq!(
             crypttab_line(&v, "u-1"),
-            "data-db UUID=u-1 /etc/ncimage/volume-keys/db.key luks,discard\n"
+            "data-db UUID=u-1 /etc/ncimage/volume-keys/db.key luks,discard,nofail\n"
         );
         assert_eq!(
             fstab_line(&v),
-            "/dev/mapper/data-db /var/lib/mysql ext4 defaults,nodev,nosuid 0 2\n"
+            "/dev/mapper/data-db /var/lib/mysql ext4 defaults,nodev,nosuid,nofail 0 2\n"
         );
         assert!(has_line(
             "# c\nroot UUID=x none luks\ndata-db UUID=u /k luks\n",
