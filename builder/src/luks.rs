@@ -25,6 +25,19 @@ use crate::tools;
 /// Data segment offset: LUKS2's default 16 MiB (header, keyslots area).
 pub const DATA_OFFSET: u64 = 16 << 20;
 pub const SECTOR: u64 = 512;
+/// The pinned key-derivation cost of every keyslot ncimage adds (enrollment, recovery, data
+/// volumes): argon2id, 64 MiB, 4 iterations, 1 lane, so a small guest unlocks and the build
+/// host's benchmark is never used.
+pub const PBKDF_ARGS: [&str; 8] = [
+    "--pbkdf",
+    "argon2id",
+    "--pbkdf-memory",
+    "65536",
+    "--pbkdf-parallel",
+    "1",
+    "--pbkdf-force-iterations",
+    "4",
+];
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LuksInfo {
@@ -264,16 +277,7 @@ mod tests {
                     "--sector-size",
                     "512",
                 ])
-                .args([
-                    "--pbkdf",
-                    "argon2id",
-                    "--pbkdf-memory",
-                    "65536",
-                    "--pbkdf-parallel",
-                    "1",
-                    "--pbkdf-force-iterations",
-                    "4",
-                ])
+                .args(PBKDF_ARGS)
                 .arg("--volume-key-file")
                 .arg(&vk_file)
                 .arg("--key-file")

@@ -385,19 +385,10 @@ impl Options {
         Options {
             root: PathBuf::from("/"),
             enroll_key: PathBuf::from("/etc/ncimage/keys/enroll.key"),
-            pbkdf: [
-                "--pbkdf",
-                "argon2id",
-                "--pbkdf-memory",
-                "65536",
-                "--pbkdf-parallel",
-                "1",
-                "--pbkdf-force-iterations",
-                "4",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+            pbkdf: crate::luks::PBKDF_ARGS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             seed_wait: Duration::from_secs(600),
         }
     }
