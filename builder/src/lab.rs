@@ -302,8 +302,11 @@ pub fn node_status(n: &NodeState) -> (bool, String) {
         Duration::from_secs(20),
     ) {
         Ok(o) if o.code == 0 => {
-            let line = o.stdout.trim().to_string();
-            (line.contains(": joined in"), line)
+            // `ncimage status` prints the node's line and the encryption's: show the node's.
+            let out = o.stdout.trim();
+            let own = format!("ncimage: {} (", n.name);
+            let line = out.lines().find(|l| l.starts_with(&own)).unwrap_or(out);
+            (line.contains(": joined in"), line.to_string())
         }
         // `ncimage status` fails until the join has started (first boot still running).
         Ok(o) if o.stderr.contains("no join status") => (
