@@ -29,8 +29,9 @@ pub struct Spec {
     #[serde(default)]
     pub luks: LuksSettings,
     /// How nodes unlock their volumes after first boot (see rekey.rs); per role in
-    /// `[roles.<role>.encryption]`, per node in `[[nodes]] encryption`.
-    #[serde(default)]
+    /// `[roles.<role>.encryption]`, per node in `[[nodes]] encryption`. Without the section:
+    /// tpm2 (as image-specs/default.toml says), never a console-only disk by omission.
+    #[serde(default = "default_encryption")]
     pub encryption: crate::rekey::UnlockPolicy,
     #[serde(default)]
     pub roles: BTreeMap<String, RoleOverrides>,
@@ -237,6 +238,13 @@ impl<'de> Deserialize<'de> for Size {
     }
 }
 
+fn default_encryption() -> crate::rekey::UnlockPolicy {
+    crate::rekey::UnlockPolicy {
+        tpm2: true,
+        ..Default::default()
+    }
+}
+
 fn default_name() -> String {
     "default".into()
 }
@@ -440,6 +448,17 @@ impl Spec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_spec_without_an_encryption_section_seals_to_the_tpm() {
+        let spec: Spec = toml::from_str("name = \"x\"\n").unwrap();
+        assert!(spec.unlock_policy("db", None).tpm2);
+        let spec: Spec = toml::from_str("[encryption]\ntang = [{ url = \"http://t\" }]\n").unwrap();
+        assert!(
+            !spec.unlock_policy("db", None).tpm2,
+            "a written policy is taken as written"
+        );
+    }
 
     #[test]
     fn embedded_default_parses_with_documented_values() {

@@ -231,6 +231,21 @@ fn make(
     let staging = root.join("run/ncimage").join(format!("vol-{}", v.name));
     std::fs::create_dir_all(&staging).map_err(Error::io("creating", &staging))?;
     run(Command::new("mount").arg(&mapped).arg(&staging))?;
+    // The mount point holds exactly what the image had there: no mkfs `lost+found` (MariaDB
+    // would list it as a database, `#mysql50#lost+found`, and a replica's seeding from the
+    // primary's dump fails on it). e2fsck makes it again if it ever needs one.
+    // (Also when a power loss came between mkfs and here; a lost+found with files in it stays.)
+    let lf = staging.join("lost+found");
+    match std::fs::remove_dir(&lf) {
+        Err(e)
+            if e.kind() != std::io::ErrorKind::NotFound
+                && e.kind() != std::io::ErrorKind::DirectoryNotEmpty =>
+        {
+            let _ = run(Command::new("umount").arg(&staging));
+            return Err(Error::io("removing", &lf)(e));
+        }
+        _ => {}
+    }
     let mount = root.join(v.mount.trim_start_matches('/'));
     std::fs::create_dir_all(&mount).map_err(Error::io("creating", &mount))?;
     let copied = run(Command::new("cp")
