@@ -1230,11 +1230,15 @@ fn a_second_machine_gets_its_own_key_unlocks_with_tang_and_at_the_console() {
     let keys_dir = scratch().join("enc-tang-keys");
     let _ = std::fs::remove_dir_all(&keys_dir);
     let thp = tang_keys(&keys_dir);
+    // The policy also asks for tpm2, which this machine lacks: on_missing_tpm2 = skip binds
+    // Tang alone and says so (the bad-input case of a policy the machine cannot meet).
     let policy = ncimage::rekey::UnlockPolicy {
+        tpm2: true,
         tang: vec![ncimage::rekey::TangServer {
             url: format!("http://{}", TANG_ADDR.trim_end_matches(":80")),
             thp: Some(thp),
         }],
+        on_missing_tpm2: ncimage::rekey::Missing::Skip,
         ..Default::default()
     };
     let mut m = machine("tang", policy);
@@ -1252,7 +1256,12 @@ fn a_second_machine_gets_its_own_key_unlocks_with_tang_and_at_the_console() {
             sh(&vm, "jq .reencrypt_seconds /var/lib/ncimage/rekey.json"),
             sh(&vm, "cryptsetup luksDump $(cryptsetup status root | awk '/device:/ { print $2 }') | awk '/PBKDF:/ { p = $2 } /Time cost:/ { t = $3 } /Memory:/ { m = $2 } /Threads:/ { printf \"%s%s %s KiB %s iter %s lane\", sep, p, m, t, $2; sep = \"; \" }'")
         ));
-        assert!(status.contains("unlock: tang + recovery key"), "{status}");
+        assert!(
+            status.contains("unlock: tang + recovery key")
+                && status.contains("has no TPM")
+                && status.contains("on_missing_tpm2 = skip: bound to tang only"),
+            "{status}"
+        );
         vm.shutdown(Duration::from_secs(120)).unwrap();
         volume_key(&m.disk, &m.recovery, &work)
     };
