@@ -901,10 +901,7 @@ mod enc {
     /// The root's volume key (hex), read on the host from a copy of the LUKS header with the
     /// recovery key (in the guest, dm-crypt holds it in the kernel keyring, out of sight).
     pub fn volume_key(disk: &Path, recovery: &str, work: &Path) -> String {
-        let parts = ncimage::inspect::gpt_of(disk, work).unwrap();
-        let header = work.join("vk-header.bin");
-        let _ = std::fs::remove_file(&header);
-        ncimage::inspect::extract_luks_header(disk, &parts, &header).unwrap();
+        let header = header_copy(disk, work, "vk-header.bin");
         let kf = work.join("vk.key");
         std::fs::write(&kf, recovery.trim()).unwrap();
         let out = Command::new("cryptsetup")
@@ -943,13 +940,19 @@ mod enc {
         hex
     }
 
+    /// A copy of the LUKS header region of `disk`'s root, as `work/name` (no device-mapper).
+    pub fn header_copy(disk: &Path, work: &Path, name: &str) -> PathBuf {
+        let parts = ncimage::inspect::gpt_of(disk, work).unwrap();
+        let header = work.join(name);
+        let _ = std::fs::remove_file(&header);
+        ncimage::inspect::extract_luks_header(disk, &parts, &header).unwrap();
+        header
+    }
+
     /// Whether `key` opens the LUKS header of `disk`'s root (a copy of the header region, on the
     /// host: no device-mapper needed).
     pub fn key_opens(disk: &Path, key: &[u8], work: &Path) -> bool {
-        let parts = ncimage::inspect::gpt_of(disk, work).unwrap();
-        let header = work.join("header.bin");
-        let _ = std::fs::remove_file(&header);
-        ncimage::inspect::extract_luks_header(disk, &parts, &header).unwrap();
+        let header = header_copy(disk, work, "header.bin");
         let kf = work.join("try.key");
         std::fs::write(&kf, key).unwrap();
         let st = Command::new("cryptsetup")
@@ -1111,9 +1114,7 @@ fn first_boot_rekeys_resumes_after_power_loss_and_unlocks_with_tpm2() {
         vm.power_cut();
     }
     // The header on disk records the unfinished re-encryption.
-    let parts = ncimage::inspect::gpt_of(&m.disk, &work).unwrap();
-    let header = work.join("mid.bin");
-    ncimage::inspect::extract_luks_header(&m.disk, &parts, &header).unwrap();
+    let header = header_copy(&m.disk, &work, "mid.bin");
     let dump = ok(Command::new("cryptsetup")
         .args(["luksDump", "--disable-locks"])
         .arg(&header)
