@@ -430,6 +430,14 @@ mod tests {
         assert_eq!(pick(Provider::Aws, Some("raw")).unwrap(), "ncimage-r.raw");
         let e = pick(Provider::Gcp, Some("vhd")).unwrap_err().to_string();
         assert!(e.contains("gcp does not take vhd images"), "{e}");
+        // DigitalOcean's custom images are raw, qcow2, VHDX, VDI or VMDK: a fixed VHD is not one.
+        let e = pick(Provider::Digitalocean, Some("vhd")).unwrap_err();
+        let shown = format!("{:?}", miette::Report::new(e));
+        assert!(
+            shown.contains("digitalocean does not take vhd images"),
+            "{shown}"
+        );
+        assert!(shown.contains("qcow2, raw, vmdk"), "{shown}");
         // Today's two-format images: aws falls back to raw, gcp says what to export.
         let two = [
             artifact("ncimage-r.qcow2", "qcow2"),

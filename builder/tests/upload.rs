@@ -1258,6 +1258,49 @@ fn digitalocean_without_a_token_is_a_clear_error_before_any_upload() {
     fails_with(&out, &["no DigitalOcean API token", "DIGITALOCEAN_TOKEN"]);
 }
 
+#[test]
+fn digitalocean_refuses_a_vhd_before_any_upload() {
+    let d = tempfile::tempdir().unwrap();
+    let mut vhd = vec![0u8; (1 << 20) + 512];
+    vhd[1 << 20..(1 << 20) + 8].copy_from_slice(b"conectix");
+    let dir = image_dir(d.path(), "ncimage-testrole.vhd", "vhd", &vhd);
+    let targets = d.path().join("targets.toml");
+    std::fs::write(
+        &targets,
+        "[targets.do]\nprovider = \"digitalocean\"\nregion = \"fra1\"\nbucket = \"b\"\n\
+         endpoint = \"http://127.0.0.1:9\"\n",
+    )
+    .unwrap();
+    let args = |format: Option<&str>| {
+        let mut a = vec![
+            "upload",
+            dir.to_str().unwrap(),
+            "--to",
+            "do",
+            "--targets",
+            targets.to_str().unwrap(),
+        ];
+        a.extend(format.iter().flat_map(|f| ["--format", *f]));
+        ncimage_cmd(d.path(), &a, true)
+            .env("DIGITALOCEAN_TOKEN", "dop_v1_test")
+            .output()
+            .unwrap()
+    };
+    // Asked for: refused, with the formats DigitalOcean takes.
+    fails_with(
+        &args(Some("vhd")),
+        &["digitalocean does not take vhd images", "qcow2, raw, vmdk"],
+    );
+    // The only artifact: not picked either.
+    fails_with(
+        &args(None),
+        &[
+            "the image has no artifact digitalocean takes",
+            "ncimage-testrole.vhd",
+        ],
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // openstack: Keystone and Glance on one stand-in
 
