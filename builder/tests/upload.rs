@@ -1304,7 +1304,20 @@ fn digitalocean_refuses_a_vhd_before_any_upload() {
 // ---------------------------------------------------------------------------------------------
 // openstack: Keystone and Glance on one stand-in
 
-fn openstack_standin(stored_hash_ok: bool) -> StandIn {
+/// What the Glance stand-in reports as the hash of the data it stored.
+#[derive(Clone, Copy)]
+enum GlanceHash {
+    /// os_hash_algo sha512 with the sha512 of the data received.
+    Sha512,
+    /// os_hash_algo sha512 with another value.
+    Wrong,
+    /// os_hash_algo sha256 (a deployment's choice), with the data's sha256.
+    Sha256,
+    /// No os_hash_algo nor value (an older Glance).
+    Missing,
+}
+
+fn openstack_standin(hash: GlanceHash) -> StandIn {
     use sha2::Digest;
     StandIn::start(move |r, before| {
         let base = format!("http://{}", r.header("host").unwrap());
@@ -1332,16 +1345,20 @@ fn openstack_standin(stored_hash_ok: bool) -> StandIn {
                     .iter()
                     .find(|b| b.method == "PUT")
                     .expect("data before GET");
-                let mut h = hex::encode(sha2::Sha512::digest(&put.body));
-                if !stored_hash_ok {
-                    h = h.replace('a', "b");
-                }
+                let h = hex::encode(sha2::Sha512::digest(&put.body));
+                let (algo, value) = match hash {
+                    GlanceHash::Sha512 => (Some("sha512"), Some(h)),
+                    GlanceHash::Wrong => (Some("sha512"), Some(h.replace('a', "b"))),
+                    GlanceHash::Sha256 => (Some("sha256"), Some(sha256_hex(&put.body))),
+                    GlanceHash::Missing => (None, None),
+                };
                 json(
                     200,
                     serde_json::json!({"id": "7c0b3e4a-img", "status": "active",
-                    "os_hash_algo": "sha512", "os_hash_value": h}),
+                    "os_hash_algo": algo, "os_hash_value": value}),
                 )
             }
+            ("DELETE", "/image/v2/images/7c0b3e4a-img") => (204, vec![], vec![]),
             _ => json(404, serde_json::json!({"error": "no route"})),
         }
     })
@@ -1376,7 +1393,7 @@ fn openstack_run(d: &Path, s: &StandIn, dir: &Path) -> Output {
 
 #[test]
 fn openstack_glance_upload_matches_keystone_and_glance_documented_requests_on_a_local_stand_in() {
-    let s = openstack_standin(true);
+    let s = openstack_standin(GlanceHash::Sha512);
     let d = tempfile::tempdir().unwrap();
     let data = random_bytes(6 << 20, 8);
     let dir = image_dir(d.path(), "ncimage-testrole.qcow2", "qcow2", &data);
@@ -1444,7 +1461,7 @@ fn openstack_glance_upload_matches_keystone_and_glance_documented_requests_on_a_
 
 #[test]
 fn openstack_image_whose_stored_hash_differs_is_reported_on_a_local_stand_in() {
-    let s = openstack_standin(false);
+    let s = openstack_standin(GlanceHash::Wrong);
     let d = tempfile::tempdir().unwrap();
     let dir = image_dir(
         d.path(),
@@ -1465,6 +1482,84 @@ fn openstack_image_whose_stored_hash_differs_is_reported_on_a_local_stand_in() {
             "upload again",
         ],
     );
+}
+
+#[test]
+fn openstack_file_that_differs_from_its_manifest_is_deleted_before_it_is_active_on_a_local_stand_in(
+) {
+    let s = openstack_standin(GlanceHash::Sha512);
+    let d = tempfile::tempdir().unwrap();
+    let data = random_bytes(3 << 20, 10);
+    let dir = image_dir(d.path(), "ncimage-testrole.qcow2", "qcow2", &data);
+    // One byte changes after the build (same size).
+    let mut changed = data.clone();
+    changed[2 << 20] ^= 1;
+    std::fs::write(dir.join("ncimage-testrole.qcow2"), &changed).unwrap();
+    std::fs::write(
+        d.path().join("targets.toml"),
+        "[targets.os]\nprovider = \"openstack\"\npoll_seconds = 0\n",
+    )
+    .unwrap();
+    let out = openstack_run(d.path(), &s, &dir);
+    fails_with(
+        &out,
+        &[
+            "ncimage-testrole.qcow2 differs from its manifest",
+            &sha256_hex(&changed),
+            "Glance image 7c0b3e4a-img was deleted",
+            "build or export the image again",
+        ],
+    );
+    let calls: Vec<(String, String)> = s
+        .requests()
+        .iter()
+        .map(|r| (r.method.clone(), r.path().to_string()))
+        .collect();
+    // The PUT never completed (its last bytes held back: the stand-in records whole requests
+    // only), the image was never looked at as active, and it was deleted.
+    assert_eq!(
+        calls,
+        [
+            ("POST".to_string(), "/identity/v3/auth/tokens".to_string()),
+            ("POST".into(), "/image/v2/images".into()),
+            ("DELETE".into(), "/image/v2/images/7c0b3e4a-img".into()),
+        ]
+    );
+}
+
+#[test]
+fn openstack_without_sha512_from_glance_says_what_was_not_compared_on_a_local_stand_in() {
+    for (hash, says) in [
+        (
+            GlanceHash::Missing,
+            "not compared: Glance reports no hash of the stored data",
+        ),
+        (
+            GlanceHash::Sha256,
+            "not compared: Glance reports only sha256 of the stored data",
+        ),
+    ] {
+        let s = openstack_standin(hash);
+        let d = tempfile::tempdir().unwrap();
+        let dir = image_dir(
+            d.path(),
+            "ncimage-testrole.qcow2",
+            "qcow2",
+            &random_bytes(1 << 20, 14),
+        );
+        std::fs::write(
+            d.path().join("targets.toml"),
+            "[targets.os]\nprovider = \"openstack\"\npoll_seconds = 0\n",
+        )
+        .unwrap();
+        let t = succeeds(&openstack_run(d.path(), &s, &dir));
+        assert!(t.contains(says), "{t}");
+        assert!(
+            t.contains("verified: sha256 of every byte sent matches the manifest"),
+            "{t}"
+        );
+        assert!(!t.contains("Glance's sha512"), "{t}");
+    }
 }
 
 #[test]
@@ -1740,14 +1835,13 @@ fn gcp_without_credentials_says_where_they_are_looked_for() {
 // ---------------------------------------------------------------------------------------------
 // azure: Entra ID, Resource Manager and the disk's page blob on one stand-in
 
-#[test]
-fn azure_direct_upload_matches_the_documented_managed_disk_requests_on_a_local_stand_in() {
-    use base64::Engine;
-    use sha2::Digest;
-    let disk = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
-    let dk = disk.clone();
-    let sub = "/subscriptions/sub-1/resourceGroups/rg-1/providers/Microsoft.Compute";
-    let s = StandIn::start(move |r, before| {
+const AZURE_SUB: &str = "/subscriptions/sub-1/resourceGroups/rg-1/providers/Microsoft.Compute";
+
+/// Entra ID, Resource Manager and the disk's page blob; the disk's bytes land in `disk`.
+fn azure_standin(disk: Arc<std::sync::Mutex<Vec<u8>>>) -> StandIn {
+    let dk = disk;
+    let sub = AZURE_SUB;
+    StandIn::start(move |r, before| {
         let base = format!("http://{}", r.header("host").unwrap());
         let p = r.path().to_string();
         let disk_path = format!("{sub}/disks/ncimage-testrole-osdisk");
@@ -1797,6 +1891,7 @@ fn azure_direct_upload_matches_the_documented_managed_disk_requests_on_a_local_s
                 vec![],
             ),
             ("GET", "/ops/revoke") => (200, vec![], vec![]),
+            ("DELETE", x) if x == disk_path => (200, vec![], vec![]),
             ("PUT", x) if x == format!("{sub}/images/ncimage-testrole") => json(
                 201,
                 serde_json::json!({"properties": {"provisioningState": "Creating"}}),
@@ -1813,16 +1908,22 @@ fn azure_direct_upload_matches_the_documented_managed_disk_requests_on_a_local_s
                 serde_json::json!({"error": {"code": "NotFound", "message": p}}),
             ),
         }
-    });
-    // A fixed VHD: 24 MiB of disk with data in two places, then the footer.
+    })
+}
+
+/// A fixed VHD: 24 MiB of disk with data in two places, then the footer.
+fn azure_vhd() -> Vec<u8> {
     let mut vhd = vec![0u8; (24 << 20) + 512];
     vhd[..1 << 20].copy_from_slice(&random_bytes(1 << 20, 12));
     vhd[13 << 20..14 << 20].copy_from_slice(&random_bytes(1 << 20, 13));
     vhd[24 << 20..(24 << 20) + 8].copy_from_slice(b"conectix");
-    let d = tempfile::tempdir().unwrap();
-    let dir = image_dir(d.path(), "ncimage-testrole.vhd", "vhd", &vhd);
+    vhd
+}
+
+/// `ncimage upload` of `dir` to the stand-in with a service principal's variables.
+fn azure_run(d: &Path, s: &StandIn, dir: &Path) -> Output {
     std::fs::write(
-        d.path().join("targets.toml"),
+        d.join("targets.toml"),
         format!(
             "[targets.az]\nprovider = \"azure\"\nresource_group = \"rg-1\"\nlocation = \"westeurope\"\n\
              image_name = \"ncimage-{{role}}\"\nlogin_endpoint = \"{0}\"\nmanagement_endpoint = \"{0}\"\npoll_seconds = 0\n",
@@ -1830,8 +1931,8 @@ fn azure_direct_upload_matches_the_documented_managed_disk_requests_on_a_local_s
         ),
     )
     .unwrap();
-    let out = ncimage_cmd(
-        d.path(),
+    ncimage_cmd(
+        d,
         &[
             "-vv",
             "upload",
@@ -1839,7 +1940,7 @@ fn azure_direct_upload_matches_the_documented_managed_disk_requests_on_a_local_s
             "--to",
             "az",
             "--targets",
-            d.path().join("targets.toml").to_str().unwrap(),
+            d.join("targets.toml").to_str().unwrap(),
         ],
         false,
     )
@@ -1849,8 +1950,25 @@ fn azure_direct_upload_matches_the_documented_managed_disk_requests_on_a_local_s
     .env("AZURE_CLIENT_SECRET", "azure-secret-never-printed")
     .env("AZURE_SUBSCRIPTION_ID", "sub-1")
     .output()
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn azure_direct_upload_matches_the_documented_managed_disk_requests_on_a_local_stand_in() {
+    use base64::Engine;
+    use sha2::Digest;
+    let disk = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let s = azure_standin(disk.clone());
+    let sub = AZURE_SUB;
+    let vhd = azure_vhd();
+    let d = tempfile::tempdir().unwrap();
+    let dir = image_dir(d.path(), "ncimage-testrole.vhd", "vhd", &vhd);
+    let out = azure_run(d.path(), &s, &dir);
     let t = succeeds(&out);
+    assert!(
+        t.contains("verified: sha256 of every byte read matches the manifest"),
+        "{t}"
+    );
     assert!(
         !t.contains("azure-secret-never-printed")
             && !t.contains("SASSIG")
@@ -1954,6 +2072,90 @@ fn azure_direct_upload_matches_the_documented_managed_disk_requests_on_a_local_s
     {
         assert_eq!(r.header("authorization"), Some("Bearer eyJ0.mgmt-token"));
     }
+}
+
+#[test]
+fn azure_file_that_differs_from_its_manifest_makes_no_image_on_a_local_stand_in() {
+    let disk = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let s = azure_standin(disk.clone());
+    let vhd = azure_vhd();
+    let d = tempfile::tempdir().unwrap();
+    let dir = image_dir(d.path(), "ncimage-testrole.vhd", "vhd", &vhd);
+    // One byte changes after the build (same size, still a fixed VHD).
+    let mut changed = vhd.clone();
+    changed[13 << 20] ^= 1;
+    std::fs::write(dir.join("ncimage-testrole.vhd"), &changed).unwrap();
+    let out = azure_run(d.path(), &s, &dir);
+    fails_with(
+        &out,
+        &[
+            "ncimage-testrole.vhd differs from its manifest",
+            &sha256_hex(&changed),
+            "no image was created and disk ncimage-testrole-osdisk was deleted",
+            "build or export the image again",
+        ],
+    );
+    let reqs = s.requests();
+    assert!(
+        !reqs.iter().any(|r| r.path().contains("/images/")),
+        "no image call: {reqs:?}"
+    );
+    let revoke_at = reqs
+        .iter()
+        .position(|r| r.path().ends_with("/endGetAccess"))
+        .unwrap();
+    let delete_at = reqs
+        .iter()
+        .position(|r| {
+            r.method == "DELETE" && r.path() == format!("{AZURE_SUB}/disks/ncimage-testrole-osdisk")
+        })
+        .expect("the disk is deleted");
+    assert!(
+        revoke_at < delete_at,
+        "access is revoked, then the disk deleted"
+    );
+}
+
+#[test]
+fn azure_without_credentials_names_the_variables() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = image_dir(d.path(), "ncimage-testrole.vhd", "vhd", &azure_vhd());
+    let targets = d.path().join("targets.toml");
+    let run = |target: &str| {
+        std::fs::write(
+            &targets,
+            format!(
+                "[targets.az]\nprovider = \"azure\"\nresource_group = \"rg\"\nlocation = \"l\"\n\
+                 login_endpoint = \"http://127.0.0.1:9\"\n{target}"
+            ),
+        )
+        .unwrap();
+        ncimage(
+            d.path(),
+            &[
+                "upload",
+                dir.to_str().unwrap(),
+                "--to",
+                "az",
+                "--targets",
+                targets.to_str().unwrap(),
+            ],
+        )
+    };
+    fails_with(
+        &run(""),
+        &[
+            "target `az` (azure) has no `subscription` and AZURE_SUBSCRIPTION_ID is not set",
+            "export AZURE_SUBSCRIPTION_ID",
+        ],
+    );
+    fails_with(
+        &run("subscription = \"sub-1\"\n"),
+        &[
+            "no Azure credentials: AZURE_TENANT_ID is not set",
+            "AZURE_CLIENT_ID, AZURE_CLIENT_SECRET, AZURE_TENANT_ID",
+        ],
+    );
 }
 
 #[test]
