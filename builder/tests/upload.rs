@@ -1588,127 +1588,197 @@ fn openstack_without_credentials_names_the_variables() {
 // ---------------------------------------------------------------------------------------------
 // gcp: token endpoint, Cloud Storage and Compute on one stand-in
 
-#[test]
-fn gcp_resumable_upload_and_images_insert_match_googles_documented_requests_on_a_local_stand_in() {
-    use base64::Engine;
-    use sha2::Digest;
-    let d = tempfile::tempdir().unwrap();
-    // A service account key made here (openssl), its public half for the stand-in.
-    let key = d.path().join("sa.pem");
-    assert!(Command::new("openssl")
-        .args([
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out"
-        ])
-        .arg(&key)
-        .output()
-        .unwrap()
-        .status
-        .success());
-    let pubder = Command::new("openssl")
-        .args(["rsa", "-RSAPublicKey_out", "-outform", "DER", "-in"])
-        .arg(&key)
-        .output()
-        .unwrap()
-        .stdout;
-    let stored = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
-    let fail_second_chunk = Arc::new(AtomicBool::new(true));
-    let (st, fail) = (stored.clone(), fail_second_chunk.clone());
-    let s = StandIn::start(move |r, _| {
-        let base = format!("http://{}", r.header("host").unwrap());
-        let path = r.path().to_string();
-        match (r.method.as_str(), path.as_str()) {
-            ("POST", "/token") => json(
-                200,
-                serde_json::json!({"access_token": "ya29.test-token", "expires_in": 3599, "token_type": "Bearer"}),
-            ),
-            ("POST", "/upload/storage/v1/b/gbucket/o") => (
-                200,
-                vec![("Location".into(), format!("{base}/session/1"))],
-                vec![],
-            ),
-            ("PUT", "/session/1") => {
-                let range = r.header("content-range").unwrap().to_string();
-                let mut data = st.lock().unwrap();
-                let total: usize = range.rsplit('/').next().unwrap().parse().unwrap();
-                if let Some(span) = range.strip_prefix("bytes ").filter(|s| !s.starts_with('*')) {
-                    let start: usize = span.split('-').next().unwrap().parse().unwrap();
-                    if start > 0 && fail.swap(false, Ordering::SeqCst) {
-                        return (503, vec![], b"backend error".to_vec());
+/// Which Cloud Storage call of the gcp stand-in fails, once.
+#[derive(Clone, Copy, PartialEq)]
+enum GcsFault {
+    None,
+    /// The second chunk: 503, nothing stored.
+    SecondChunk,
+    /// The last chunk: stored (the object is complete), but the reply is a 503, as when a run
+    /// stops after sending it.
+    LastChunkReply,
+}
+
+/// A gcp target on one stand-in (token endpoint, Cloud Storage, Compute) with a service
+/// account key made here (openssl), and an image folder holding `data`.
+struct Gcp {
+    d: tempfile::TempDir,
+    s: StandIn,
+    sa: PathBuf,
+    /// The service account's public key (DER).
+    pubder: Vec<u8>,
+    /// The bytes Cloud Storage holds.
+    stored: Arc<std::sync::Mutex<Vec<u8>>>,
+    dir: PathBuf,
+}
+
+impl Gcp {
+    fn start(fault: GcsFault, bucket: &str, data: &[u8]) -> Gcp {
+        use base64::Engine;
+        use sha2::Digest;
+        let d = tempfile::tempdir().unwrap();
+        let key = d.path().join("sa.pem");
+        assert!(Command::new("openssl")
+            .args([
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+                "-out"
+            ])
+            .arg(&key)
+            .output()
+            .unwrap()
+            .status
+            .success());
+        let pubder = Command::new("openssl")
+            .args(["rsa", "-RSAPublicKey_out", "-outform", "DER", "-in"])
+            .arg(&key)
+            .output()
+            .unwrap()
+            .stdout;
+        let stored = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+        let armed = Arc::new(AtomicBool::new(fault != GcsFault::None));
+        let st = stored.clone();
+        let s = StandIn::start(move |r, _| {
+            let base = format!("http://{}", r.header("host").unwrap());
+            let path = r.path().to_string();
+            match (r.method.as_str(), path.as_str()) {
+                ("POST", "/token") => json(
+                    200,
+                    serde_json::json!({"access_token": "ya29.test-token", "expires_in": 3599, "token_type": "Bearer"}),
+                ),
+                ("POST", "/upload/storage/v1/b/gbucket/o") => (
+                    200,
+                    vec![("Location".into(), format!("{base}/session/1"))],
+                    vec![],
+                ),
+                // Cloud Storage's answer for a bucket that does not exist.
+                ("POST", p) if p.starts_with("/upload/storage/v1/b/") => json(
+                    404,
+                    serde_json::json!({"error": {"code": 404, "message": "The specified bucket does not exist."}}),
+                ),
+                ("PUT", "/session/1") => {
+                    let range = r.header("content-range").unwrap().to_string();
+                    let mut data = st.lock().unwrap();
+                    let total: usize = range.rsplit('/').next().unwrap().parse().unwrap();
+                    let mut lost_reply = false;
+                    if let Some(span) = range.strip_prefix("bytes ").filter(|s| !s.starts_with('*'))
+                    {
+                        let start: usize = span.split('-').next().unwrap().parse().unwrap();
+                        if fault == GcsFault::SecondChunk
+                            && start > 0
+                            && armed.swap(false, Ordering::SeqCst)
+                        {
+                            return (503, vec![], b"backend error".to_vec());
+                        }
+                        assert_eq!(start, data.len(), "chunks are contiguous");
+                        data.extend_from_slice(&r.body);
+                        lost_reply = fault == GcsFault::LastChunkReply
+                            && data.len() == total
+                            && armed.swap(false, Ordering::SeqCst);
                     }
-                    assert_eq!(start, data.len(), "chunks are contiguous");
-                    data.extend_from_slice(&r.body);
+                    if lost_reply {
+                        (503, vec![], b"backend error".to_vec())
+                    } else if data.len() == total {
+                        let md5 = base64::engine::general_purpose::STANDARD
+                            .encode(md5::Md5::digest(&*data));
+                        json(
+                            200,
+                            serde_json::json!({"name": "images/ncimage-testrole.gce.tar.gz", "size": total.to_string(), "md5Hash": md5}),
+                        )
+                    } else {
+                        (
+                            308,
+                            vec![("Range".into(), format!("bytes=0-{}", data.len() - 1))],
+                            vec![],
+                        )
+                    }
                 }
-                if data.len() == total {
-                    let md5 =
-                        base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(&*data));
-                    json(
-                        200,
-                        serde_json::json!({"name": "images/ncimage-testrole.gce.tar.gz", "size": total.to_string(), "md5Hash": md5}),
-                    )
-                } else {
-                    (
-                        308,
-                        vec![("Range".into(), format!("bytes=0-{}", data.len() - 1))],
-                        vec![],
-                    )
+                // Cancelling a resumable upload (Cloud Storage answers 499).
+                ("DELETE", "/session/1") => (499, vec![], vec![]),
+                ("DELETE", "/storage/v1/b/gbucket/o/images%2Fncimage-testrole.gce.tar.gz") => {
+                    st.lock().unwrap().clear();
+                    (204, vec![], vec![])
                 }
+                ("POST", "/compute/v1/projects/proj-1/global/images") => json(
+                    200,
+                    serde_json::json!({"name": "operation-1", "status": "RUNNING"}),
+                ),
+                ("GET", "/compute/v1/projects/proj-1/global/operations/operation-1") => json(
+                    200,
+                    serde_json::json!({"name": "operation-1", "status": "DONE"}),
+                ),
+                _ => json(404, serde_json::json!({"error": {"message": "no route"}})),
             }
-            ("POST", "/compute/v1/projects/proj-1/global/images") => json(
-                200,
-                serde_json::json!({"name": "operation-1", "status": "RUNNING"}),
+        });
+        let sa = d.path().join("sa.json");
+        std::fs::write(
+            &sa,
+            serde_json::json!({"type": "service_account", "project_id": "proj-1",
+                "client_email": "builder@proj-1.iam.gserviceaccount.com",
+                "private_key": std::fs::read_to_string(&key).unwrap(),
+                "token_uri": format!("{}/token", s.url())})
+            .to_string(),
+        )
+        .unwrap();
+        let dir = image_dir(d.path(), "ncimage-testrole.gce.tar.gz", "gce", data);
+        std::fs::write(
+            d.path().join("targets.toml"),
+            format!(
+                "[targets.gcp]\nprovider = \"gcp\"\nbucket = \"{bucket}\"\nprefix = \"images\"\n\
+                 storage_endpoint = \"{0}\"\ncompute_endpoint = \"{0}\"\npoll_seconds = 0\n",
+                s.url()
             ),
-            ("GET", "/compute/v1/projects/proj-1/global/operations/operation-1") => json(
-                200,
-                serde_json::json!({"name": "operation-1", "status": "DONE"}),
-            ),
-            _ => json(404, serde_json::json!({"error": {"message": "no route"}})),
+        )
+        .unwrap();
+        Gcp {
+            d,
+            s,
+            sa,
+            pubder,
+            stored,
+            dir,
         }
-    });
-    let sa = d.path().join("sa.json");
-    std::fs::write(
-        &sa,
-        serde_json::json!({"type": "service_account", "project_id": "proj-1",
-            "client_email": "builder@proj-1.iam.gserviceaccount.com",
-            "private_key": std::fs::read_to_string(&key).unwrap(),
-            "token_uri": format!("{}/token", s.url())})
-        .to_string(),
-    )
-    .unwrap();
-    let data = random_bytes(20 << 20, 11);
-    let dir = image_dir(d.path(), "ncimage-testrole.gce.tar.gz", "gce", &data);
-    std::fs::write(
-        d.path().join("targets.toml"),
-        format!(
-            "[targets.gcp]\nprovider = \"gcp\"\nbucket = \"gbucket\"\nprefix = \"images\"\n\
-             storage_endpoint = \"{0}\"\ncompute_endpoint = \"{0}\"\npoll_seconds = 0\n",
-            s.url()
-        ),
-    )
-    .unwrap();
-    let run = || {
+    }
+
+    fn run(&self) -> Output {
         ncimage_cmd(
-            d.path(),
+            self.d.path(),
             &[
                 "-vv",
                 "upload",
-                dir.to_str().unwrap(),
+                self.dir.to_str().unwrap(),
                 "--to",
                 "gcp",
                 "--targets",
-                d.path().join("targets.toml").to_str().unwrap(),
+                self.d.path().join("targets.toml").to_str().unwrap(),
             ],
             false,
         )
         .env("RUST_LOG", "trace")
-        .env("GOOGLE_APPLICATION_CREDENTIALS", &sa)
+        .env("GOOGLE_APPLICATION_CREDENTIALS", &self.sa)
         .output()
         .unwrap()
-    };
+    }
+
+    fn inserts(&self) -> usize {
+        self.s
+            .requests()
+            .iter()
+            .filter(|r| r.path().ends_with("/global/images"))
+            .count()
+    }
+}
+
+#[test]
+fn gcp_resumable_upload_and_images_insert_match_googles_documented_requests_on_a_local_stand_in() {
+    use base64::Engine;
+    let data = random_bytes(20 << 20, 11);
+    let g = Gcp::start(GcsFault::SecondChunk, "gbucket", &data);
+    let (s, pubder, stored) = (&g.s, &g.pubder, &g.stored);
+    let run = || g.run();
     // The second chunk fails: the upload stops and says how to go on.
     fails_with(&run(), &["HTTP 503", "the same command resumes"]);
     let out = succeeds(&run());
@@ -1745,7 +1815,7 @@ fn gcp_resumable_upload_and_images_insert_match_googles_documented_requests_on_a
         .as_str()
         .unwrap()
         .contains("devstorage.read_write"));
-    ring::signature::UnparsedPublicKey::new(&ring::signature::RSA_PKCS1_2048_8192_SHA256, &pubder)
+    ring::signature::UnparsedPublicKey::new(&ring::signature::RSA_PKCS1_2048_8192_SHA256, pubder)
         .verify(
             format!("{}.{}", parts[0], parts[1]).as_bytes(),
             &dec(parts[2]),
@@ -1800,6 +1870,101 @@ fn gcp_resumable_upload_and_images_insert_match_googles_documented_requests_on_a
         .unwrap()
         .contains(&serde_json::json!({"type": "UEFI_COMPATIBLE"})));
     assert!(j["name"].as_str().unwrap().starts_with("ncimage-testrole-"));
+}
+
+#[test]
+fn gcp_upload_finished_by_a_run_that_stopped_before_forgetting_it_goes_on_to_the_image_on_a_local_stand_in(
+) {
+    let data = random_bytes(20 << 20, 15);
+    let g = Gcp::start(GcsFault::LastChunkReply, "gbucket", &data);
+    // The last chunk is stored, but its reply is lost: the run stops and keeps the session.
+    fails_with(&g.run(), &["HTTP 503", "the same command resumes"]);
+    assert_eq!(sha256_hex(&g.stored.lock().unwrap()), sha256_hex(&data));
+    let before = g.s.requests().len();
+    // The next run asks the session, which says the upload is complete (200 with the object),
+    // sends nothing again, and creates the image from the object.
+    let out = succeeds(&g.run());
+    assert!(
+        out.contains(
+            "gs://gbucket/images/ncimage-testrole.gce.tar.gz was uploaded completely by an earlier run"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("matches the file"), "{out}");
+    assert!(out.contains("GCP image ncimage-testrole-"), "{out}");
+    let again: Vec<Recorded> = g.s.requests()[before..].to_vec();
+    let puts: Vec<&Recorded> = again.iter().filter(|r| r.method == "PUT").collect();
+    assert_eq!(puts.len(), 1, "one status query: {again:?}");
+    assert_eq!(
+        puts[0].header("content-range"),
+        Some(format!("bytes */{}", 20 << 20).as_str())
+    );
+    assert!(puts[0].body.is_empty());
+    assert_eq!(g.inserts(), 1);
+}
+
+#[test]
+fn gcp_file_that_differs_from_its_manifest_makes_no_object_and_no_image_on_a_local_stand_in() {
+    let data = random_bytes(20 << 20, 16);
+    let mut changed = data.clone();
+    changed[3 << 20] ^= 1;
+    // A fresh upload: the last chunk is never sent and the session is cancelled.
+    let g = Gcp::start(GcsFault::None, "gbucket", &data);
+    std::fs::write(g.dir.join("ncimage-testrole.gce.tar.gz"), &changed).unwrap();
+    fails_with(
+        &g.run(),
+        &[
+            "ncimage-testrole.gce.tar.gz differs from its manifest",
+            &sha256_hex(&changed),
+            "its last chunk was not sent and the upload session was cancelled",
+            "build or export the image again",
+        ],
+    );
+    assert_eq!(
+        g.stored.lock().unwrap().len(),
+        16 << 20,
+        "two chunks of three"
+    );
+    assert!(g
+        .s
+        .requests()
+        .iter()
+        .any(|r| r.method == "DELETE" && r.path() == "/session/1"));
+    assert_eq!(g.inserts(), 0);
+
+    // An upload an earlier run finished, of a file that changed since: the object is deleted.
+    let g = Gcp::start(GcsFault::LastChunkReply, "gbucket", &data);
+    fails_with(&g.run(), &["HTTP 503"]);
+    std::fs::write(g.dir.join("ncimage-testrole.gce.tar.gz"), &changed).unwrap();
+    fails_with(
+        &g.run(),
+        &[
+            "ncimage-testrole.gce.tar.gz differs from its manifest",
+            "gs://gbucket/images/ncimage-testrole.gce.tar.gz was deleted and no image was made",
+        ],
+    );
+    assert!(g.stored.lock().unwrap().is_empty(), "the object is gone");
+    let del =
+        g.s.requests()
+            .into_iter()
+            .find(|r| r.method == "DELETE" && r.path().starts_with("/storage/v1/b/gbucket/o/"))
+            .expect("the object is deleted");
+    assert_eq!(del.header("authorization"), Some("Bearer ya29.test-token"));
+    assert_eq!(g.inserts(), 0);
+}
+
+#[test]
+fn gcp_bucket_not_found_is_a_clear_error_on_a_local_stand_in() {
+    let g = Gcp::start(GcsFault::None, "nobucket", b"tiny");
+    fails_with(
+        &g.run(),
+        &[
+            "Cloud Storage bucket `nobucket` does not exist",
+            "The specified bucket does not exist.",
+            "gcloud storage buckets create gs://nobucket",
+        ],
+    );
+    assert_eq!(g.inserts(), 0);
 }
 
 #[test]
