@@ -398,7 +398,8 @@ pub fn upload_and_insert(
                 let outcome = format!(
                     "its last chunk was not sent{}, so no object gs://{bucket}/{object} and no \
                      image were made",
-                    if cancelled.is_ok() {
+                    // Cloud Storage answers a cancelled session with 499.
+                    if cancelled.is_ok_and(|r| r.ok() || r.status == 499) {
                         " and the upload session was cancelled"
                     } else {
                         ""
