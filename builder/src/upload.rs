@@ -243,6 +243,22 @@ pub fn run(o: &Options) -> Result<Report> {
                 o.quiet,
                 &say,
             )?;
+            let stored = if u.stored_algo == "sha512" {
+                format!(
+                    "verified: Glance's sha512 of the stored data matches the file's ({}...)",
+                    &u.sha512[..16]
+                )
+            } else {
+                format!(
+                    "not compared: Glance reports {} of the stored data, not sha512, so what it \
+                     stored was not checked against the file",
+                    if u.stored_algo.is_empty() {
+                        "no hash".to_string()
+                    } else {
+                        format!("only {}", u.stored_algo)
+                    }
+                )
+            };
             Ok(Report {
                 lines: vec![
                     format!(
@@ -250,9 +266,10 @@ pub fn run(o: &Options) -> Result<Report> {
                         u.id
                     ),
                     format!(
-                        "verified: Glance's sha512 of the stored data matches the file's ({}...)",
-                        &u.sha512[..16]
+                        "verified: sha256 of every byte sent matches the manifest ({}...)",
+                        &a.sha256[..16]
                     ),
+                    stored,
                 ],
             })
         }
@@ -281,6 +298,7 @@ pub fn run(o: &Options) -> Result<Report> {
                 &t,
                 &file,
                 a.size_bytes,
+                &a.sha256,
                 &image_name,
                 o.quiet,
                 &say,
@@ -292,6 +310,10 @@ pub fn run(o: &Options) -> Result<Report> {
                         c.image_id, c.disk_id
                     ),
                     format!(
+                        "verified: sha256 of every byte read matches the manifest ({}...)",
+                        &a.sha256[..16]
+                    ),
+                    format!(
                         "{} pages of 4 MiB written with Content-MD5, {} all-zero pages skipped",
                         c.pages, c.skipped
                     ),
@@ -299,6 +321,19 @@ pub fn run(o: &Options) -> Result<Report> {
             })
         }
     }
+}
+
+/// The error when the bytes read from an artifact (and sent) do not hash to its manifest's
+/// sha256; `outcome` says what became of the upload.
+pub fn differs_from_manifest(file: &Path, got: &str, want: &str, outcome: &str) -> Error {
+    Error::upload(
+        format!(
+            "{} differs from its manifest: the bytes read have sha256 {got}, the manifest says \
+             {want}; {outcome}",
+            file.display()
+        ),
+        "the file changed after it was built: build or export the image again",
+    )
 }
 
 /// File name suffix of a format's artifact (as `ncimage build` names them).
@@ -430,6 +465,14 @@ mod tests {
         assert_eq!(pick(Provider::Aws, Some("raw")).unwrap(), "ncimage-r.raw");
         let e = pick(Provider::Gcp, Some("vhd")).unwrap_err().to_string();
         assert!(e.contains("gcp does not take vhd images"), "{e}");
+        // DigitalOcean's custom images are raw, qcow2, VHDX, VDI or VMDK: a fixed VHD is not one.
+        let e = pick(Provider::Digitalocean, Some("vhd")).unwrap_err();
+        let shown = format!("{:?}", miette::Report::new(e));
+        assert!(
+            shown.contains("digitalocean does not take vhd images"),
+            "{shown}"
+        );
+        assert!(shown.contains("qcow2, raw, vmdk"), "{shown}");
         // Today's two-format images: aws falls back to raw, gcp says what to export.
         let two = [
             artifact("ncimage-r.qcow2", "qcow2"),

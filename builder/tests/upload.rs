@@ -1258,10 +1258,66 @@ fn digitalocean_without_a_token_is_a_clear_error_before_any_upload() {
     fails_with(&out, &["no DigitalOcean API token", "DIGITALOCEAN_TOKEN"]);
 }
 
+#[test]
+fn digitalocean_refuses_a_vhd_before_any_upload() {
+    let d = tempfile::tempdir().unwrap();
+    let mut vhd = vec![0u8; (1 << 20) + 512];
+    vhd[1 << 20..(1 << 20) + 8].copy_from_slice(b"conectix");
+    let dir = image_dir(d.path(), "ncimage-testrole.vhd", "vhd", &vhd);
+    let targets = d.path().join("targets.toml");
+    std::fs::write(
+        &targets,
+        "[targets.do]\nprovider = \"digitalocean\"\nregion = \"fra1\"\nbucket = \"b\"\n\
+         endpoint = \"http://127.0.0.1:9\"\n",
+    )
+    .unwrap();
+    let args = |format: Option<&str>| {
+        let mut a = vec![
+            "upload",
+            dir.to_str().unwrap(),
+            "--to",
+            "do",
+            "--targets",
+            targets.to_str().unwrap(),
+        ];
+        a.extend(format.iter().flat_map(|f| ["--format", *f]));
+        ncimage_cmd(d.path(), &a, true)
+            .env("DIGITALOCEAN_TOKEN", "dop_v1_test")
+            .output()
+            .unwrap()
+    };
+    // Asked for: refused, with the formats DigitalOcean takes.
+    fails_with(
+        &args(Some("vhd")),
+        &["digitalocean does not take vhd images", "qcow2, raw, vmdk"],
+    );
+    // The only artifact: not picked either.
+    fails_with(
+        &args(None),
+        &[
+            "the image has no artifact digitalocean takes",
+            "ncimage-testrole.vhd",
+        ],
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // openstack: Keystone and Glance on one stand-in
 
-fn openstack_standin(stored_hash_ok: bool) -> StandIn {
+/// What the Glance stand-in reports as the hash of the data it stored.
+#[derive(Clone, Copy)]
+enum GlanceHash {
+    /// os_hash_algo sha512 with the sha512 of the data received.
+    Sha512,
+    /// os_hash_algo sha512 with another value.
+    Wrong,
+    /// os_hash_algo sha256 (a deployment's choice), with the data's sha256.
+    Sha256,
+    /// No os_hash_algo nor value (an older Glance).
+    Missing,
+}
+
+fn openstack_standin(hash: GlanceHash) -> StandIn {
     use sha2::Digest;
     StandIn::start(move |r, before| {
         let base = format!("http://{}", r.header("host").unwrap());
@@ -1289,16 +1345,20 @@ fn openstack_standin(stored_hash_ok: bool) -> StandIn {
                     .iter()
                     .find(|b| b.method == "PUT")
                     .expect("data before GET");
-                let mut h = hex::encode(sha2::Sha512::digest(&put.body));
-                if !stored_hash_ok {
-                    h = h.replace('a', "b");
-                }
+                let h = hex::encode(sha2::Sha512::digest(&put.body));
+                let (algo, value) = match hash {
+                    GlanceHash::Sha512 => (Some("sha512"), Some(h)),
+                    GlanceHash::Wrong => (Some("sha512"), Some(h.replace('a', "b"))),
+                    GlanceHash::Sha256 => (Some("sha256"), Some(sha256_hex(&put.body))),
+                    GlanceHash::Missing => (None, None),
+                };
                 json(
                     200,
                     serde_json::json!({"id": "7c0b3e4a-img", "status": "active",
-                    "os_hash_algo": "sha512", "os_hash_value": h}),
+                    "os_hash_algo": algo, "os_hash_value": value}),
                 )
             }
+            ("DELETE", "/image/v2/images/7c0b3e4a-img") => (204, vec![], vec![]),
             _ => json(404, serde_json::json!({"error": "no route"})),
         }
     })
@@ -1333,7 +1393,7 @@ fn openstack_run(d: &Path, s: &StandIn, dir: &Path) -> Output {
 
 #[test]
 fn openstack_glance_upload_matches_keystone_and_glance_documented_requests_on_a_local_stand_in() {
-    let s = openstack_standin(true);
+    let s = openstack_standin(GlanceHash::Sha512);
     let d = tempfile::tempdir().unwrap();
     let data = random_bytes(6 << 20, 8);
     let dir = image_dir(d.path(), "ncimage-testrole.qcow2", "qcow2", &data);
@@ -1401,7 +1461,7 @@ fn openstack_glance_upload_matches_keystone_and_glance_documented_requests_on_a_
 
 #[test]
 fn openstack_image_whose_stored_hash_differs_is_reported_on_a_local_stand_in() {
-    let s = openstack_standin(false);
+    let s = openstack_standin(GlanceHash::Wrong);
     let d = tempfile::tempdir().unwrap();
     let dir = image_dir(
         d.path(),
@@ -1422,6 +1482,84 @@ fn openstack_image_whose_stored_hash_differs_is_reported_on_a_local_stand_in() {
             "upload again",
         ],
     );
+}
+
+#[test]
+fn openstack_file_that_differs_from_its_manifest_is_deleted_before_it_is_active_on_a_local_stand_in(
+) {
+    let s = openstack_standin(GlanceHash::Sha512);
+    let d = tempfile::tempdir().unwrap();
+    let data = random_bytes(3 << 20, 10);
+    let dir = image_dir(d.path(), "ncimage-testrole.qcow2", "qcow2", &data);
+    // One byte changes after the build (same size).
+    let mut changed = data.clone();
+    changed[2 << 20] ^= 1;
+    std::fs::write(dir.join("ncimage-testrole.qcow2"), &changed).unwrap();
+    std::fs::write(
+        d.path().join("targets.toml"),
+        "[targets.os]\nprovider = \"openstack\"\npoll_seconds = 0\n",
+    )
+    .unwrap();
+    let out = openstack_run(d.path(), &s, &dir);
+    fails_with(
+        &out,
+        &[
+            "ncimage-testrole.qcow2 differs from its manifest",
+            &sha256_hex(&changed),
+            "Glance image 7c0b3e4a-img was deleted",
+            "build or export the image again",
+        ],
+    );
+    let calls: Vec<(String, String)> = s
+        .requests()
+        .iter()
+        .map(|r| (r.method.clone(), r.path().to_string()))
+        .collect();
+    // The PUT never completed (its last bytes held back: the stand-in records whole requests
+    // only), the image was never looked at as active, and it was deleted.
+    assert_eq!(
+        calls,
+        [
+            ("POST".to_string(), "/identity/v3/auth/tokens".to_string()),
+            ("POST".into(), "/image/v2/images".into()),
+            ("DELETE".into(), "/image/v2/images/7c0b3e4a-img".into()),
+        ]
+    );
+}
+
+#[test]
+fn openstack_without_sha512_from_glance_says_what_was_not_compared_on_a_local_stand_in() {
+    for (hash, says) in [
+        (
+            GlanceHash::Missing,
+            "not compared: Glance reports no hash of the stored data",
+        ),
+        (
+            GlanceHash::Sha256,
+            "not compared: Glance reports only sha256 of the stored data",
+        ),
+    ] {
+        let s = openstack_standin(hash);
+        let d = tempfile::tempdir().unwrap();
+        let dir = image_dir(
+            d.path(),
+            "ncimage-testrole.qcow2",
+            "qcow2",
+            &random_bytes(1 << 20, 14),
+        );
+        std::fs::write(
+            d.path().join("targets.toml"),
+            "[targets.os]\nprovider = \"openstack\"\npoll_seconds = 0\n",
+        )
+        .unwrap();
+        let t = succeeds(&openstack_run(d.path(), &s, &dir));
+        assert!(t.contains(says), "{t}");
+        assert!(
+            t.contains("verified: sha256 of every byte sent matches the manifest"),
+            "{t}"
+        );
+        assert!(!t.contains("Glance's sha512"), "{t}");
+    }
 }
 
 #[test]
@@ -1450,127 +1588,197 @@ fn openstack_without_credentials_names_the_variables() {
 // ---------------------------------------------------------------------------------------------
 // gcp: token endpoint, Cloud Storage and Compute on one stand-in
 
-#[test]
-fn gcp_resumable_upload_and_images_insert_match_googles_documented_requests_on_a_local_stand_in() {
-    use base64::Engine;
-    use sha2::Digest;
-    let d = tempfile::tempdir().unwrap();
-    // A service account key made here (openssl), its public half for the stand-in.
-    let key = d.path().join("sa.pem");
-    assert!(Command::new("openssl")
-        .args([
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out"
-        ])
-        .arg(&key)
-        .output()
-        .unwrap()
-        .status
-        .success());
-    let pubder = Command::new("openssl")
-        .args(["rsa", "-RSAPublicKey_out", "-outform", "DER", "-in"])
-        .arg(&key)
-        .output()
-        .unwrap()
-        .stdout;
-    let stored = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
-    let fail_second_chunk = Arc::new(AtomicBool::new(true));
-    let (st, fail) = (stored.clone(), fail_second_chunk.clone());
-    let s = StandIn::start(move |r, _| {
-        let base = format!("http://{}", r.header("host").unwrap());
-        let path = r.path().to_string();
-        match (r.method.as_str(), path.as_str()) {
-            ("POST", "/token") => json(
-                200,
-                serde_json::json!({"access_token": "ya29.test-token", "expires_in": 3599, "token_type": "Bearer"}),
-            ),
-            ("POST", "/upload/storage/v1/b/gbucket/o") => (
-                200,
-                vec![("Location".into(), format!("{base}/session/1"))],
-                vec![],
-            ),
-            ("PUT", "/session/1") => {
-                let range = r.header("content-range").unwrap().to_string();
-                let mut data = st.lock().unwrap();
-                let total: usize = range.rsplit('/').next().unwrap().parse().unwrap();
-                if let Some(span) = range.strip_prefix("bytes ").filter(|s| !s.starts_with('*')) {
-                    let start: usize = span.split('-').next().unwrap().parse().unwrap();
-                    if start > 0 && fail.swap(false, Ordering::SeqCst) {
-                        return (503, vec![], b"backend error".to_vec());
+/// Which Cloud Storage call of the gcp stand-in fails, once.
+#[derive(Clone, Copy, PartialEq)]
+enum GcsFault {
+    None,
+    /// The second chunk: 503, nothing stored.
+    SecondChunk,
+    /// The last chunk: stored (the object is complete), but the reply is a 503, as when a run
+    /// stops after sending it.
+    LastChunkReply,
+}
+
+/// A gcp target on one stand-in (token endpoint, Cloud Storage, Compute) with a service
+/// account key made here (openssl), and an image folder holding `data`.
+struct Gcp {
+    d: tempfile::TempDir,
+    s: StandIn,
+    sa: PathBuf,
+    /// The service account's public key (DER).
+    pubder: Vec<u8>,
+    /// The bytes Cloud Storage holds.
+    stored: Arc<std::sync::Mutex<Vec<u8>>>,
+    dir: PathBuf,
+}
+
+impl Gcp {
+    fn start(fault: GcsFault, bucket: &str, data: &[u8]) -> Gcp {
+        use base64::Engine;
+        use sha2::Digest;
+        let d = tempfile::tempdir().unwrap();
+        let key = d.path().join("sa.pem");
+        assert!(Command::new("openssl")
+            .args([
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+                "-out"
+            ])
+            .arg(&key)
+            .output()
+            .unwrap()
+            .status
+            .success());
+        let pubder = Command::new("openssl")
+            .args(["rsa", "-RSAPublicKey_out", "-outform", "DER", "-in"])
+            .arg(&key)
+            .output()
+            .unwrap()
+            .stdout;
+        let stored = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+        let armed = Arc::new(AtomicBool::new(fault != GcsFault::None));
+        let st = stored.clone();
+        let s = StandIn::start(move |r, _| {
+            let base = format!("http://{}", r.header("host").unwrap());
+            let path = r.path().to_string();
+            match (r.method.as_str(), path.as_str()) {
+                ("POST", "/token") => json(
+                    200,
+                    serde_json::json!({"access_token": "ya29.test-token", "expires_in": 3599, "token_type": "Bearer"}),
+                ),
+                ("POST", "/upload/storage/v1/b/gbucket/o") => (
+                    200,
+                    vec![("Location".into(), format!("{base}/session/1"))],
+                    vec![],
+                ),
+                // Cloud Storage's answer for a bucket that does not exist.
+                ("POST", p) if p.starts_with("/upload/storage/v1/b/") => json(
+                    404,
+                    serde_json::json!({"error": {"code": 404, "message": "The specified bucket does not exist."}}),
+                ),
+                ("PUT", "/session/1") => {
+                    let range = r.header("content-range").unwrap().to_string();
+                    let mut data = st.lock().unwrap();
+                    let total: usize = range.rsplit('/').next().unwrap().parse().unwrap();
+                    let mut lost_reply = false;
+                    if let Some(span) = range.strip_prefix("bytes ").filter(|s| !s.starts_with('*'))
+                    {
+                        let start: usize = span.split('-').next().unwrap().parse().unwrap();
+                        if fault == GcsFault::SecondChunk
+                            && start > 0
+                            && armed.swap(false, Ordering::SeqCst)
+                        {
+                            return (503, vec![], b"backend error".to_vec());
+                        }
+                        assert_eq!(start, data.len(), "chunks are contiguous");
+                        data.extend_from_slice(&r.body);
+                        lost_reply = fault == GcsFault::LastChunkReply
+                            && data.len() == total
+                            && armed.swap(false, Ordering::SeqCst);
                     }
-                    assert_eq!(start, data.len(), "chunks are contiguous");
-                    data.extend_from_slice(&r.body);
+                    if lost_reply {
+                        (503, vec![], b"backend error".to_vec())
+                    } else if data.len() == total {
+                        let md5 = base64::engine::general_purpose::STANDARD
+                            .encode(md5::Md5::digest(&*data));
+                        json(
+                            200,
+                            serde_json::json!({"name": "images/ncimage-testrole.gce.tar.gz", "size": total.to_string(), "md5Hash": md5}),
+                        )
+                    } else {
+                        (
+                            308,
+                            vec![("Range".into(), format!("bytes=0-{}", data.len() - 1))],
+                            vec![],
+                        )
+                    }
                 }
-                if data.len() == total {
-                    let md5 =
-                        base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(&*data));
-                    json(
-                        200,
-                        serde_json::json!({"name": "images/ncimage-testrole.gce.tar.gz", "size": total.to_string(), "md5Hash": md5}),
-                    )
-                } else {
-                    (
-                        308,
-                        vec![("Range".into(), format!("bytes=0-{}", data.len() - 1))],
-                        vec![],
-                    )
+                // Cancelling a resumable upload (Cloud Storage answers 499).
+                ("DELETE", "/session/1") => (499, vec![], vec![]),
+                ("DELETE", "/storage/v1/b/gbucket/o/images%2Fncimage-testrole.gce.tar.gz") => {
+                    st.lock().unwrap().clear();
+                    (204, vec![], vec![])
                 }
+                ("POST", "/compute/v1/projects/proj-1/global/images") => json(
+                    200,
+                    serde_json::json!({"name": "operation-1", "status": "RUNNING"}),
+                ),
+                ("GET", "/compute/v1/projects/proj-1/global/operations/operation-1") => json(
+                    200,
+                    serde_json::json!({"name": "operation-1", "status": "DONE"}),
+                ),
+                _ => json(404, serde_json::json!({"error": {"message": "no route"}})),
             }
-            ("POST", "/compute/v1/projects/proj-1/global/images") => json(
-                200,
-                serde_json::json!({"name": "operation-1", "status": "RUNNING"}),
+        });
+        let sa = d.path().join("sa.json");
+        std::fs::write(
+            &sa,
+            serde_json::json!({"type": "service_account", "project_id": "proj-1",
+                "client_email": "builder@proj-1.iam.gserviceaccount.com",
+                "private_key": std::fs::read_to_string(&key).unwrap(),
+                "token_uri": format!("{}/token", s.url())})
+            .to_string(),
+        )
+        .unwrap();
+        let dir = image_dir(d.path(), "ncimage-testrole.gce.tar.gz", "gce", data);
+        std::fs::write(
+            d.path().join("targets.toml"),
+            format!(
+                "[targets.gcp]\nprovider = \"gcp\"\nbucket = \"{bucket}\"\nprefix = \"images\"\n\
+                 storage_endpoint = \"{0}\"\ncompute_endpoint = \"{0}\"\npoll_seconds = 0\n",
+                s.url()
             ),
-            ("GET", "/compute/v1/projects/proj-1/global/operations/operation-1") => json(
-                200,
-                serde_json::json!({"name": "operation-1", "status": "DONE"}),
-            ),
-            _ => json(404, serde_json::json!({"error": {"message": "no route"}})),
+        )
+        .unwrap();
+        Gcp {
+            d,
+            s,
+            sa,
+            pubder,
+            stored,
+            dir,
         }
-    });
-    let sa = d.path().join("sa.json");
-    std::fs::write(
-        &sa,
-        serde_json::json!({"type": "service_account", "project_id": "proj-1",
-            "client_email": "builder@proj-1.iam.gserviceaccount.com",
-            "private_key": std::fs::read_to_string(&key).unwrap(),
-            "token_uri": format!("{}/token", s.url())})
-        .to_string(),
-    )
-    .unwrap();
-    let data = random_bytes(20 << 20, 11);
-    let dir = image_dir(d.path(), "ncimage-testrole.gce.tar.gz", "gce", &data);
-    std::fs::write(
-        d.path().join("targets.toml"),
-        format!(
-            "[targets.gcp]\nprovider = \"gcp\"\nbucket = \"gbucket\"\nprefix = \"images\"\n\
-             storage_endpoint = \"{0}\"\ncompute_endpoint = \"{0}\"\npoll_seconds = 0\n",
-            s.url()
-        ),
-    )
-    .unwrap();
-    let run = || {
+    }
+
+    fn run(&self) -> Output {
         ncimage_cmd(
-            d.path(),
+            self.d.path(),
             &[
                 "-vv",
                 "upload",
-                dir.to_str().unwrap(),
+                self.dir.to_str().unwrap(),
                 "--to",
                 "gcp",
                 "--targets",
-                d.path().join("targets.toml").to_str().unwrap(),
+                self.d.path().join("targets.toml").to_str().unwrap(),
             ],
             false,
         )
         .env("RUST_LOG", "trace")
-        .env("GOOGLE_APPLICATION_CREDENTIALS", &sa)
+        .env("GOOGLE_APPLICATION_CREDENTIALS", &self.sa)
         .output()
         .unwrap()
-    };
+    }
+
+    fn inserts(&self) -> usize {
+        self.s
+            .requests()
+            .iter()
+            .filter(|r| r.path().ends_with("/global/images"))
+            .count()
+    }
+}
+
+#[test]
+fn gcp_resumable_upload_and_images_insert_match_googles_documented_requests_on_a_local_stand_in() {
+    use base64::Engine;
+    let data = random_bytes(20 << 20, 11);
+    let g = Gcp::start(GcsFault::SecondChunk, "gbucket", &data);
+    let (s, pubder, stored) = (&g.s, &g.pubder, &g.stored);
+    let run = || g.run();
     // The second chunk fails: the upload stops and says how to go on.
     fails_with(&run(), &["HTTP 503", "the same command resumes"]);
     let out = succeeds(&run());
@@ -1607,7 +1815,7 @@ fn gcp_resumable_upload_and_images_insert_match_googles_documented_requests_on_a
         .as_str()
         .unwrap()
         .contains("devstorage.read_write"));
-    ring::signature::UnparsedPublicKey::new(&ring::signature::RSA_PKCS1_2048_8192_SHA256, &pubder)
+    ring::signature::UnparsedPublicKey::new(&ring::signature::RSA_PKCS1_2048_8192_SHA256, pubder)
         .verify(
             format!("{}.{}", parts[0], parts[1]).as_bytes(),
             &dec(parts[2]),
@@ -1665,6 +1873,101 @@ fn gcp_resumable_upload_and_images_insert_match_googles_documented_requests_on_a
 }
 
 #[test]
+fn gcp_upload_finished_by_a_run_that_stopped_before_forgetting_it_goes_on_to_the_image_on_a_local_stand_in(
+) {
+    let data = random_bytes(20 << 20, 15);
+    let g = Gcp::start(GcsFault::LastChunkReply, "gbucket", &data);
+    // The last chunk is stored, but its reply is lost: the run stops and keeps the session.
+    fails_with(&g.run(), &["HTTP 503", "the same command resumes"]);
+    assert_eq!(sha256_hex(&g.stored.lock().unwrap()), sha256_hex(&data));
+    let before = g.s.requests().len();
+    // The next run asks the session, which says the upload is complete (200 with the object),
+    // sends nothing again, and creates the image from the object.
+    let out = succeeds(&g.run());
+    assert!(
+        out.contains(
+            "gs://gbucket/images/ncimage-testrole.gce.tar.gz was uploaded completely by an earlier run"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("matches the file"), "{out}");
+    assert!(out.contains("GCP image ncimage-testrole-"), "{out}");
+    let again: Vec<Recorded> = g.s.requests()[before..].to_vec();
+    let puts: Vec<&Recorded> = again.iter().filter(|r| r.method == "PUT").collect();
+    assert_eq!(puts.len(), 1, "one status query: {again:?}");
+    assert_eq!(
+        puts[0].header("content-range"),
+        Some(format!("bytes */{}", 20 << 20).as_str())
+    );
+    assert!(puts[0].body.is_empty());
+    assert_eq!(g.inserts(), 1);
+}
+
+#[test]
+fn gcp_file_that_differs_from_its_manifest_makes_no_object_and_no_image_on_a_local_stand_in() {
+    let data = random_bytes(20 << 20, 16);
+    let mut changed = data.clone();
+    changed[3 << 20] ^= 1;
+    // A fresh upload: the last chunk is never sent and the session is cancelled.
+    let g = Gcp::start(GcsFault::None, "gbucket", &data);
+    std::fs::write(g.dir.join("ncimage-testrole.gce.tar.gz"), &changed).unwrap();
+    fails_with(
+        &g.run(),
+        &[
+            "ncimage-testrole.gce.tar.gz differs from its manifest",
+            &sha256_hex(&changed),
+            "its last chunk was not sent and the upload session was cancelled",
+            "build or export the image again",
+        ],
+    );
+    assert_eq!(
+        g.stored.lock().unwrap().len(),
+        16 << 20,
+        "two chunks of three"
+    );
+    assert!(g
+        .s
+        .requests()
+        .iter()
+        .any(|r| r.method == "DELETE" && r.path() == "/session/1"));
+    assert_eq!(g.inserts(), 0);
+
+    // An upload an earlier run finished, of a file that changed since: the object is deleted.
+    let g = Gcp::start(GcsFault::LastChunkReply, "gbucket", &data);
+    fails_with(&g.run(), &["HTTP 503"]);
+    std::fs::write(g.dir.join("ncimage-testrole.gce.tar.gz"), &changed).unwrap();
+    fails_with(
+        &g.run(),
+        &[
+            "ncimage-testrole.gce.tar.gz differs from its manifest",
+            "gs://gbucket/images/ncimage-testrole.gce.tar.gz was deleted and no image was made",
+        ],
+    );
+    assert!(g.stored.lock().unwrap().is_empty(), "the object is gone");
+    let del =
+        g.s.requests()
+            .into_iter()
+            .find(|r| r.method == "DELETE" && r.path().starts_with("/storage/v1/b/gbucket/o/"))
+            .expect("the object is deleted");
+    assert_eq!(del.header("authorization"), Some("Bearer ya29.test-token"));
+    assert_eq!(g.inserts(), 0);
+}
+
+#[test]
+fn gcp_bucket_not_found_is_a_clear_error_on_a_local_stand_in() {
+    let g = Gcp::start(GcsFault::None, "nobucket", b"tiny");
+    fails_with(
+        &g.run(),
+        &[
+            "Cloud Storage bucket `nobucket` does not exist",
+            "The specified bucket does not exist.",
+            "gcloud storage buckets create gs://nobucket",
+        ],
+    );
+    assert_eq!(g.inserts(), 0);
+}
+
+#[test]
 fn gcp_without_credentials_says_where_they_are_looked_for() {
     let d = tempfile::tempdir().unwrap();
     let dir = image_dir(d.path(), "ncimage-testrole.gce.tar.gz", "gce", b"tiny");
@@ -1697,14 +2000,13 @@ fn gcp_without_credentials_says_where_they_are_looked_for() {
 // ---------------------------------------------------------------------------------------------
 // azure: Entra ID, Resource Manager and the disk's page blob on one stand-in
 
-#[test]
-fn azure_direct_upload_matches_the_documented_managed_disk_requests_on_a_local_stand_in() {
-    use base64::Engine;
-    use sha2::Digest;
-    let disk = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
-    let dk = disk.clone();
-    let sub = "/subscriptions/sub-1/resourceGroups/rg-1/providers/Microsoft.Compute";
-    let s = StandIn::start(move |r, before| {
+const AZURE_SUB: &str = "/subscriptions/sub-1/resourceGroups/rg-1/providers/Microsoft.Compute";
+
+/// Entra ID, Resource Manager and the disk's page blob; the disk's bytes land in `disk`.
+fn azure_standin(disk: Arc<std::sync::Mutex<Vec<u8>>>) -> StandIn {
+    let dk = disk;
+    let sub = AZURE_SUB;
+    StandIn::start(move |r, before| {
         let base = format!("http://{}", r.header("host").unwrap());
         let p = r.path().to_string();
         let disk_path = format!("{sub}/disks/ncimage-testrole-osdisk");
@@ -1754,6 +2056,7 @@ fn azure_direct_upload_matches_the_documented_managed_disk_requests_on_a_local_s
                 vec![],
             ),
             ("GET", "/ops/revoke") => (200, vec![], vec![]),
+            ("DELETE", x) if x == disk_path => (200, vec![], vec![]),
             ("PUT", x) if x == format!("{sub}/images/ncimage-testrole") => json(
                 201,
                 serde_json::json!({"properties": {"provisioningState": "Creating"}}),
@@ -1770,16 +2073,22 @@ fn azure_direct_upload_matches_the_documented_managed_disk_requests_on_a_local_s
                 serde_json::json!({"error": {"code": "NotFound", "message": p}}),
             ),
         }
-    });
-    // A fixed VHD: 24 MiB of disk with data in two places, then the footer.
+    })
+}
+
+/// A fixed VHD: 24 MiB of disk with data in two places, then the footer.
+fn azure_vhd() -> Vec<u8> {
     let mut vhd = vec![0u8; (24 << 20) + 512];
     vhd[..1 << 20].copy_from_slice(&random_bytes(1 << 20, 12));
     vhd[13 << 20..14 << 20].copy_from_slice(&random_bytes(1 << 20, 13));
     vhd[24 << 20..(24 << 20) + 8].copy_from_slice(b"conectix");
-    let d = tempfile::tempdir().unwrap();
-    let dir = image_dir(d.path(), "ncimage-testrole.vhd", "vhd", &vhd);
+    vhd
+}
+
+/// `ncimage upload` of `dir` to the stand-in with a service principal's variables.
+fn azure_run(d: &Path, s: &StandIn, dir: &Path) -> Output {
     std::fs::write(
-        d.path().join("targets.toml"),
+        d.join("targets.toml"),
         format!(
             "[targets.az]\nprovider = \"azure\"\nresource_group = \"rg-1\"\nlocation = \"westeurope\"\n\
              image_name = \"ncimage-{{role}}\"\nlogin_endpoint = \"{0}\"\nmanagement_endpoint = \"{0}\"\npoll_seconds = 0\n",
@@ -1787,8 +2096,8 @@ fn azure_direct_upload_matches_the_documented_managed_disk_requests_on_a_local_s
         ),
     )
     .unwrap();
-    let out = ncimage_cmd(
-        d.path(),
+    ncimage_cmd(
+        d,
         &[
             "-vv",
             "upload",
@@ -1796,7 +2105,7 @@ fn azure_direct_upload_matches_the_documented_managed_disk_requests_on_a_local_s
             "--to",
             "az",
             "--targets",
-            d.path().join("targets.toml").to_str().unwrap(),
+            d.join("targets.toml").to_str().unwrap(),
         ],
         false,
     )
@@ -1806,8 +2115,25 @@ fn azure_direct_upload_matches_the_documented_managed_disk_requests_on_a_local_s
     .env("AZURE_CLIENT_SECRET", "azure-secret-never-printed")
     .env("AZURE_SUBSCRIPTION_ID", "sub-1")
     .output()
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn azure_direct_upload_matches_the_documented_managed_disk_requests_on_a_local_stand_in() {
+    use base64::Engine;
+    use sha2::Digest;
+    let disk = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let s = azure_standin(disk.clone());
+    let sub = AZURE_SUB;
+    let vhd = azure_vhd();
+    let d = tempfile::tempdir().unwrap();
+    let dir = image_dir(d.path(), "ncimage-testrole.vhd", "vhd", &vhd);
+    let out = azure_run(d.path(), &s, &dir);
     let t = succeeds(&out);
+    assert!(
+        t.contains("verified: sha256 of every byte read matches the manifest"),
+        "{t}"
+    );
     assert!(
         !t.contains("azure-secret-never-printed")
             && !t.contains("SASSIG")
@@ -1911,6 +2237,90 @@ fn azure_direct_upload_matches_the_documented_managed_disk_requests_on_a_local_s
     {
         assert_eq!(r.header("authorization"), Some("Bearer eyJ0.mgmt-token"));
     }
+}
+
+#[test]
+fn azure_file_that_differs_from_its_manifest_makes_no_image_on_a_local_stand_in() {
+    let disk = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let s = azure_standin(disk.clone());
+    let vhd = azure_vhd();
+    let d = tempfile::tempdir().unwrap();
+    let dir = image_dir(d.path(), "ncimage-testrole.vhd", "vhd", &vhd);
+    // One byte changes after the build (same size, still a fixed VHD).
+    let mut changed = vhd.clone();
+    changed[13 << 20] ^= 1;
+    std::fs::write(dir.join("ncimage-testrole.vhd"), &changed).unwrap();
+    let out = azure_run(d.path(), &s, &dir);
+    fails_with(
+        &out,
+        &[
+            "ncimage-testrole.vhd differs from its manifest",
+            &sha256_hex(&changed),
+            "no image was created and disk ncimage-testrole-osdisk was deleted",
+            "build or export the image again",
+        ],
+    );
+    let reqs = s.requests();
+    assert!(
+        !reqs.iter().any(|r| r.path().contains("/images/")),
+        "no image call: {reqs:?}"
+    );
+    let revoke_at = reqs
+        .iter()
+        .position(|r| r.path().ends_with("/endGetAccess"))
+        .unwrap();
+    let delete_at = reqs
+        .iter()
+        .position(|r| {
+            r.method == "DELETE" && r.path() == format!("{AZURE_SUB}/disks/ncimage-testrole-osdisk")
+        })
+        .expect("the disk is deleted");
+    assert!(
+        revoke_at < delete_at,
+        "access is revoked, then the disk deleted"
+    );
+}
+
+#[test]
+fn azure_without_credentials_names_the_variables() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = image_dir(d.path(), "ncimage-testrole.vhd", "vhd", &azure_vhd());
+    let targets = d.path().join("targets.toml");
+    let run = |target: &str| {
+        std::fs::write(
+            &targets,
+            format!(
+                "[targets.az]\nprovider = \"azure\"\nresource_group = \"rg\"\nlocation = \"l\"\n\
+                 login_endpoint = \"http://127.0.0.1:9\"\n{target}"
+            ),
+        )
+        .unwrap();
+        ncimage(
+            d.path(),
+            &[
+                "upload",
+                dir.to_str().unwrap(),
+                "--to",
+                "az",
+                "--targets",
+                targets.to_str().unwrap(),
+            ],
+        )
+    };
+    fails_with(
+        &run(""),
+        &[
+            "target `az` (azure) has no `subscription` and AZURE_SUBSCRIPTION_ID is not set",
+            "export AZURE_SUBSCRIPTION_ID",
+        ],
+    );
+    fails_with(
+        &run("subscription = \"sub-1\"\n"),
+        &[
+            "no Azure credentials: AZURE_TENANT_ID is not set",
+            "AZURE_CLIENT_ID, AZURE_CLIENT_SECRET, AZURE_TENANT_ID",
+        ],
+    );
 }
 
 #[test]

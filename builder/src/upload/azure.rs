@@ -2,7 +2,8 @@
 //! (AZURE_CLIENT_ID, AZURE_CLIENT_SECRET, AZURE_TENANT_ID), a disk created for upload with the
 //! VHD's size, write access granted (a SAS URL), the VHD written as 4 MiB pages in parallel,
 //! all-zero ranges skipped, each with Content-MD5 (Azure refuses a page whose bytes do not
-//! match), access revoked, then an image (Hyper-V generation 2, i.e. UEFI) from the disk.
+//! match), access revoked, then an image (Hyper-V generation 2, i.e. UEFI) from the disk, only
+//! when every byte read hashes to the manifest's sha256 (else the disk is deleted).
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use md5::{Digest, Md5};
+use sha2::Sha256;
 
 use super::credentials::{env_secret, Secret};
 use super::http::{self, Body, Reply};
@@ -241,6 +243,7 @@ pub fn upload_and_create(
     t: &Target,
     file: &Path,
     size: u64,
+    sha256: &str,
     image_name: &str,
     quiet: bool,
     say: &dyn Fn(String),
@@ -344,8 +347,24 @@ pub fn upload_and_create(
     } else {
         Err(az.err("revoking access", &r))
     };
-    let (pages, skipped) = written?;
+    let (pages, skipped, got) = written?;
     revoked?;
+    if got != sha256 {
+        // No image from these bytes: the disk goes too.
+        let outcome = match az.call("DELETE", &disk_url, None) {
+            Ok(r) if r.ok() => format!("no image was created and disk {disk_name} was deleted"),
+            Ok(r) => format!(
+                "no image was created, but deleting disk {disk_name} failed (HTTP {}): delete \
+                 it with `az disk delete -g {rg} -n {disk_name}`",
+                r.status
+            ),
+            Err(_) => format!(
+                "no image was created, but Azure could not be reached to delete disk \
+                 {disk_name}: delete it with `az disk delete -g {rg} -n {disk_name}`"
+            ),
+        };
+        return Err(super::differs_from_manifest(file, &got, sha256, &outcome));
+    }
     let image_url = format!("{group}/images/{image_name}?api-version={IMAGE_API}");
     let r = az.call(
         "PUT",
@@ -373,7 +392,7 @@ pub fn upload_and_create(
 }
 
 /// Writes every non-zero 4 MiB range of the file as a page (Put Page with Content-MD5);
-/// returns (pages written, zero pages skipped).
+/// returns (pages written, zero pages skipped, sha256 of every byte read).
 fn write_pages(
     agent: &ureq::Agent,
     sas: &str,
@@ -381,8 +400,9 @@ fn write_pages(
     size: u64,
     threads: usize,
     quiet: bool,
-) -> Result<(u64, u64)> {
+) -> Result<(u64, u64, String)> {
     let f = std::fs::File::open(file).map_err(Error::io("opening", file))?;
+    let mut sha = Sha256::new();
     let bar = crate::progress::transfer_bar(size, "azure pages", quiet);
     let sep = if sas.contains('?') { '&' } else { '?' };
     let url = format!("{sas}{sep}comp=page");
@@ -457,6 +477,7 @@ fn write_pages(
                 let mut data = vec![0u8; n];
                 f.read_exact_at(&mut data, off)
                     .map_err(Error::io("reading", file))?;
+                sha.update(&data);
                 if data.iter().all(|b| *b == 0) {
                     skipped.fetch_add(1, Ordering::SeqCst);
                     bar.inc(n as u64);
@@ -475,7 +496,11 @@ fn write_pages(
     if let Some(e) = failure.into_inner().expect("failure") {
         return Err(e);
     }
-    Ok((written.into_inner(), skipped.into_inner()))
+    Ok((
+        written.into_inner(),
+        skipped.into_inner(),
+        hex::encode(sha.finalize()),
+    ))
 }
 
 #[cfg(test)]

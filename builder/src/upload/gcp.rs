@@ -1,8 +1,8 @@
 //! gcp: an OAuth token for a service account (JWT signed RS256 with `ring`, already built for
 //! rustls) or for gcloud's application-default user credentials; the GCE tar.gz into Cloud
-//! Storage by a resumable upload (chunks of 8 MiB, the session kept for resume, the object's
-//! MD5 compared with the file's); then images.insert with UEFI_COMPATIBLE and the operation
-//! waited for.
+//! Storage by a resumable upload (chunks of 8 MiB, the session kept for resume, the last chunk
+//! sent only when every byte read hashes to the manifest's sha256, the object's MD5 compared
+//! with the file's); then images.insert with UEFI_COMPATIBLE and the operation waited for.
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use md5::{Digest, Md5};
 use serde::Deserialize;
+use sha2::Sha256;
 
 use super::credentials::Secret;
 use super::http::{self, Body};
@@ -253,12 +254,14 @@ pub fn upload_and_insert(
         "authorization".to_string(),
         format!("Bearer {}", token.expose()),
     );
-    let gerr = |what: &str, r: &http::Reply| {
-        let msg = r
-            .json()
+    let gmsg = |r: &http::Reply| {
+        r.json()
             .ok()
             .and_then(|j| j["error"]["message"].as_str().map(str::to_string))
-            .unwrap_or_else(|| http::excerpt(&r.text()));
+            .unwrap_or_else(|| http::excerpt(&r.text()))
+    };
+    let gerr = |what: &str, r: &http::Reply| {
+        let msg = gmsg(r);
         Error::upload(
             format!("Google {what}: HTTP {}: {msg}", r.status),
             match r.status {
@@ -299,7 +302,15 @@ pub fn upload_and_insert(
                     offset >> 20
                 ));
             }
-            200 | 201 => done_reply = Some(r.json()?),
+            200 | 201 => {
+                // The upload finished in an earlier run that stopped before forgetting its
+                // session: the whole file is what the server holds.
+                say(format!(
+                    "gs://{bucket}/{object} was uploaded completely by an earlier run: checking it"
+                ));
+                offset = size;
+                done_reply = Some(r.json()?);
+            }
             _ => session = None,
         }
     }
@@ -323,6 +334,19 @@ pub fn upload_and_insert(
             ],
             Body::Bytes(meta.as_bytes()),
         )?;
+        if r.status == 404 {
+            return Err(Error::upload(
+                format!(
+                    "Cloud Storage bucket `{bucket}` does not exist (or the credentials cannot see \
+                     it): HTTP 404: {}",
+                    gmsg(&r)
+                ),
+                format!(
+                    "create it (gcloud storage buckets create gs://{bucket}), or fix `bucket` in \
+                     [targets.{name}]"
+                ),
+            ));
+        }
         if !r.ok() {
             return Err(gerr(
                 &format!("starting the upload to gs://{bucket}/{object}"),
@@ -343,7 +367,8 @@ pub fn upload_and_insert(
     let session = session.expect("a session");
     let f = std::fs::File::open(file).map_err(Error::io("opening", file))?;
     let mut md5 = Md5::new();
-    // The bytes the server already holds count for the MD5 too.
+    let mut sha = Sha256::new();
+    // The bytes the server already holds count for the MD5 and the sha256 too.
     let mut buf = vec![0u8; CHUNK as usize];
     let mut pos = 0u64;
     while pos < offset {
@@ -351,6 +376,7 @@ pub fn upload_and_insert(
         f.read_exact_at(&mut buf[..n], pos)
             .map_err(Error::io("reading", file))?;
         md5.update(&buf[..n]);
+        sha.update(&buf[..n]);
         pos += n as u64;
     }
     let bar = crate::progress::transfer_bar(size, format!("upload gs://{bucket}/{object}"), quiet);
@@ -361,6 +387,27 @@ pub fn upload_and_insert(
         f.read_exact_at(&mut buf[..n], pos)
             .map_err(Error::io("reading", file))?;
         md5.update(&buf[..n]);
+        sha.update(&buf[..n]);
+        if pos + n as u64 == size {
+            // The last chunk makes the object: only from the bytes the manifest names.
+            let got = hex::encode(sha.clone().finalize());
+            if got != sha256 {
+                bar.abandon();
+                let _ = std::fs::remove_file(&state);
+                let cancelled = http::call(&agent, "DELETE", &session, &[], Body::Empty);
+                let outcome = format!(
+                    "its last chunk was not sent{}, so no object gs://{bucket}/{object} and no \
+                     image were made",
+                    // Cloud Storage answers a cancelled session with 499.
+                    if cancelled.is_ok_and(|r| r.ok() || r.status == 499) {
+                        " and the upload session was cancelled"
+                    } else {
+                        ""
+                    }
+                );
+                return Err(super::differs_from_manifest(file, &got, sha256, &outcome));
+            }
+        }
         let range = if n == 0 {
             format!("bytes */{size}")
         } else {
@@ -405,6 +452,30 @@ pub fn upload_and_insert(
     bar.finish();
     let _ = std::fs::remove_file(&state);
     let obj = done_reply.expect("finished");
+    let got = hex::encode(sha.finalize());
+    if got != sha256 {
+        // Only an upload finished by an earlier run gets here: the file changed since.
+        let r = http::call(
+            &agent,
+            "DELETE",
+            &format!(
+                "{storage}/storage/v1/b/{bucket}/o/{}",
+                super::sigv4::uri_encode(&object, true)
+            ),
+            std::slice::from_ref(&auth),
+            Body::Empty,
+        );
+        let outcome = match r {
+            Ok(r) if r.ok() => {
+                format!("gs://{bucket}/{object} was deleted and no image was made")
+            }
+            _ => format!(
+                "no image was made, but deleting gs://{bucket}/{object} failed: delete it with \
+                 `gcloud storage rm gs://{bucket}/{object}`"
+            ),
+        };
+        return Err(super::differs_from_manifest(file, &got, sha256, &outcome));
+    }
     let want = base64::engine::general_purpose::STANDARD.encode(md5.finalize());
     let got = obj["md5Hash"].as_str().unwrap_or("");
     if got != want || obj["size"].as_str() != Some(size.to_string().as_str()) {
@@ -417,7 +488,8 @@ pub fn upload_and_insert(
         ));
     }
     say(format!(
-        "uploaded gs://{bucket}/{object}; MD5 {want} matches the file"
+        "uploaded gs://{bucket}/{object}; MD5 {want} matches the file, and the sha256 of every \
+         byte read matches the manifest"
     ));
 
     let insert = serde_json::json!({

@@ -1,13 +1,14 @@
 //! openstack: a Keystone v3 token (password or application credential, from the standard OS_*
 //! variables), the image endpoint from its catalog (or `image_endpoint`), then Glance v2:
-//! create the image (UEFI, q35), upload its data in one streamed PUT, and compare Glance's
-//! hash of what it stored (os_hash_value, sha512) with the file's.
+//! create the image (UEFI, q35), upload its data in one streamed PUT (its last bytes held back,
+//! and the image deleted, unless every byte read hashes to the manifest's sha256), and compare
+//! Glance's hash of what it stored (os_hash_value, when sha512) with the file's.
 
 use std::io::Read;
 use std::time::{Duration, Instant};
 
 use indicatif::ProgressBar;
-use sha2::{Digest, Sha512};
+use sha2::{Digest, Sha256, Sha512};
 
 use super::credentials::Secret;
 use super::http::{self, Body};
@@ -127,7 +128,11 @@ pub fn image_endpoint(
 
 pub struct Uploaded {
     pub id: String,
+    /// sha512 of the bytes sent.
     pub sha512: String,
+    /// Glance's os_hash_algo ("" when it reports none): the stored data was compared only when
+    /// it is sha512.
+    pub stored_algo: String,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -277,9 +282,15 @@ pub fn upload(
     bar.set_prefix(format!("glance {id}"));
     let f = std::fs::File::open(file).map_err(Error::io("opening", file))?;
     let hasher = std::sync::Arc::new(std::sync::Mutex::new(Sha512::new()));
+    let read_sha256 = std::sync::Arc::new(std::sync::Mutex::new(None));
     let reader = HashingReader {
         inner: f,
         hash: hasher.clone(),
+        sha256: Sha256::new(),
+        read: 0,
+        size,
+        want: sha256.to_string(),
+        read_sha256: read_sha256.clone(),
         bar: bar.clone(),
     };
     let r = http::call(
@@ -291,7 +302,36 @@ pub fn upload(
             ("content-type".into(), "application/octet-stream".into()),
         ],
         Body::Reader(Box::new(reader), size),
-    )?;
+    );
+    let got = read_sha256.lock().expect("sha256").clone();
+    if let Some(got) = got.filter(|g| g != sha256) {
+        bar.abandon();
+        // The last bytes were held back; the image is deleted all the same, so that no image
+        // with these bytes can become active.
+        let d = http::call(
+            &agent,
+            "DELETE",
+            &format!("{glance}/v2/images/{id}"),
+            std::slice::from_ref(&auth_h),
+            Body::Empty,
+        );
+        let outcome = match d {
+            Ok(d) if d.ok() => {
+                format!("its last bytes were not sent and Glance image {id} was deleted")
+            }
+            Ok(d) => format!(
+                "its last bytes were not sent, but deleting Glance image {id} failed (HTTP {}): \
+                 delete it with `openstack image delete {id}`",
+                d.status
+            ),
+            Err(_) => format!(
+                "its last bytes were not sent, but Glance could not be reached to delete image \
+                 {id}: delete it with `openstack image delete {id}`"
+            ),
+        };
+        return Err(super::differs_from_manifest(file, &got, sha256, &outcome));
+    }
+    let r = r?;
     if !r.ok() {
         bar.abandon();
         return Err(glance_err(&format!("PUT /v2/images/{id}/file"), &r));
@@ -326,12 +366,11 @@ pub fn upload(
                         "delete the image (openstack image delete) and upload again",
                     ));
                 }
-                if algo != "sha512" {
-                    say(format!(
-                        "Glance reports no sha512 ({algo}): the stored data was not compared"
-                    ));
-                }
-                return Ok(Uploaded { id, sha512 });
+                return Ok(Uploaded {
+                    id,
+                    sha512,
+                    stored_algo: algo.to_string(),
+                });
             }
             "killed" | "deleted" | "pending_delete" => {
                 return Err(Error::upload(
@@ -354,9 +393,18 @@ pub fn upload(
     }
 }
 
+/// The file as the PUT's body: hashed as read (sha512 for Glance's hash, sha256 for the
+/// manifest's); the read that would hand over the last byte fails instead when the sha256
+/// differs from the manifest's, so Glance never receives the whole image.
 struct HashingReader {
     inner: std::fs::File,
     hash: std::sync::Arc<std::sync::Mutex<Sha512>>,
+    sha256: Sha256,
+    read: u64,
+    size: u64,
+    want: String,
+    /// sha256 (hex) of all `size` bytes, once read.
+    read_sha256: std::sync::Arc<std::sync::Mutex<Option<String>>>,
     bar: ProgressBar,
 }
 
@@ -367,6 +415,17 @@ impl Read for HashingReader {
         }
         let n = self.inner.read(buf)?;
         self.hash.lock().expect("hash").update(&buf[..n]);
+        self.sha256.update(&buf[..n]);
+        let before = self.read;
+        self.read += n as u64;
+        if before < self.size && self.read >= self.size {
+            let got = hex::encode(self.sha256.clone().finalize());
+            let differs = got != self.want;
+            *self.read_sha256.lock().expect("sha256") = Some(got);
+            if differs {
+                return Err(std::io::Error::other("the file differs from its manifest"));
+            }
+        }
         self.bar.inc(n as u64);
         Ok(n)
     }

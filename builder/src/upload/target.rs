@@ -21,6 +21,16 @@ pub enum Provider {
 }
 
 impl Provider {
+    /// Every provider, in the order messages list them.
+    pub const ALL: [Provider; 6] = [
+        Provider::S3,
+        Provider::Aws,
+        Provider::Digitalocean,
+        Provider::Openstack,
+        Provider::Gcp,
+        Provider::Azure,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Provider::S3 => "s3",
@@ -36,7 +46,8 @@ impl Provider {
         match self {
             Provider::S3 => &["qcow2", "raw", "vhd", "vmdk", "gce"],
             Provider::Aws => &["vmdk", "raw", "vhd"],
-            Provider::Digitalocean => &["qcow2", "raw", "vmdk", "vhd"],
+            // Custom images: raw, qcow2, VHDX, VDI or VMDK (DigitalOcean's API reference), not VHD.
+            Provider::Digitalocean => &["qcow2", "raw", "vmdk"],
             Provider::Openstack => &["qcow2", "raw", "vmdk", "vhd"],
             Provider::Gcp => &["gce"],
             Provider::Azure => &["vhd"],
@@ -253,10 +264,13 @@ fn unknown(to: &str, why: &str, names: &[&str]) -> Error {
     Error::upload(
         format!("unknown upload target `{to}`: {why}"),
         if names.is_empty() {
-            "define it as [targets.NAME] with `provider = \"s3\"` (or aws, digitalocean, \
-             openstack) in the targets file (--targets, default ~/.config/ncimage/targets.toml), \
-             or give s3://bucket/prefix"
-                .to_string()
+            let providers: Vec<&str> = Provider::ALL.iter().map(|p| p.name()).collect();
+            format!(
+                "define it as [targets.NAME] with `provider = \"...\"` (one of: {}) in the \
+                 targets file (--targets, default ~/.config/ncimage/targets.toml), or give \
+                 s3://bucket/prefix",
+                providers.join(", ")
+            )
         } else {
             format!("targets defined there: {}", names.join(", "))
         },
@@ -297,6 +311,29 @@ mod tests {
         let shown = format!("{:?}", miette::Report::new(e));
         assert!(shown.contains("unknown upload target `c`"), "{shown}");
         assert!(shown.contains("a, b"), "{shown}");
+    }
+
+    /// Without a targets file, the help names every provider, each one a file can declare.
+    #[test]
+    fn an_unknown_target_without_a_file_names_every_provider() {
+        let e = resolve(
+            "c",
+            Some(Path::new("/nonexistent/t.toml")),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        let Error::Upload { help, .. } = &e else {
+            panic!("{e:?}")
+        };
+        assert!(
+            help.contains("(one of: s3, aws, digitalocean, openstack, gcp, azure)"),
+            "{help}"
+        );
+        for p in Provider::ALL {
+            let f = file(&format!("[targets.x]\nprovider = \"{}\"\n", p.name()));
+            let (_, t) = resolve("x", Some(f.path()), &Overrides::default()).unwrap();
+            assert_eq!(t.provider, p);
+        }
     }
 
     #[test]
