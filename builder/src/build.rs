@@ -80,6 +80,9 @@ pub struct LayerRef {
 pub struct FsInfo {
     pub uuid: String,
     pub size_bytes: u64,
+    /// The size first boot grows the filesystem to (the root: `root_size`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grows_to_bytes: Option<u64>,
     pub sha256: String,
 }
 
@@ -288,17 +291,23 @@ pub fn build(o: &Options) -> Result<Manifest> {
     let boot_img = work.join("boot.img");
     let root_size = o.spec.root_size(&o.role);
     let boot_size = o.spec.boot_size(&o.role);
-    let used = p.stage("fs", "ext4 root and /boot from the trees", || {
-        fs::make_ext4(
-            &ov.root_tar,
-            &root_img,
-            &fs::Params {
-                label: "root",
-                uuid: &ids.root_fs,
-                size: root_size,
-                source_date_epoch: epoch,
-            },
-        )?;
+    let root_free = o.spec.root_free(&o.role);
+    let (used, root_fs_size) = p.stage("fs", "ext4 root and /boot from the trees", || {
+        // The root at its full size first, to learn how much its content takes; then, when
+        // that plus `root_free` is smaller, again at that size. First boot re-encrypts only
+        // the filesystem's extent and grows it to the partition (rekey.rs).
+        let root_params = |size| fs::Params {
+            label: "root",
+            uuid: &ids.root_fs,
+            size,
+            source_date_epoch: epoch,
+        };
+        fs::make_ext4(&ov.root_tar, &root_img, &root_params(root_size))?;
+        let full: u64 = fs::used_blocks(&root_img)?.iter().map(|r| r.1).sum();
+        let compact = fs::compact_size(full, root_free, root_size);
+        if compact < root_size {
+            fs::make_ext4(&ov.root_tar, &root_img, &root_params(compact))?;
+        }
         fs::make_ext4(
             &ov.boot_tar,
             &boot_img,
@@ -311,7 +320,7 @@ pub fn build(o: &Options) -> Result<Manifest> {
         )?;
         let _ = std::fs::remove_file(&ov.root_tar);
         let _ = std::fs::remove_file(&ov.boot_tar);
-        fs::used_blocks(&root_img)
+        Ok((fs::used_blocks(&root_img)?, compact))
     })?;
 
     // luks, while another core hashes the filesystems for the manifest
@@ -329,8 +338,11 @@ pub fn build(o: &Options) -> Result<Manifest> {
                 .map(|&(s, n)| (s * fs::BLOCK, n * fs::BLOCK))
                 .collect();
             luks::encrypt(
-                &root_img,
-                &ranges,
+                &luks::Plain {
+                    fs: &root_img,
+                    used: &ranges,
+                    data_len: root_size,
+                },
                 &root_luks,
                 &ids.luks,
                 &key,
@@ -405,7 +417,8 @@ pub fn build(o: &Options) -> Result<Manifest> {
                 "root".to_string(),
                 FsInfo {
                     uuid: ids.root_fs.clone(),
-                    size_bytes: root_size,
+                    size_bytes: root_fs_size,
+                    grows_to_bytes: Some(root_size),
                     sha256: root_sha,
                 },
             ),
@@ -414,6 +427,7 @@ pub fn build(o: &Options) -> Result<Manifest> {
                 FsInfo {
                     uuid: ids.boot_fs.clone(),
                     size_bytes: boot_size,
+                    grows_to_bytes: None,
                     sha256: boot_sha,
                 },
             ),

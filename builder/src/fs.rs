@@ -50,6 +50,15 @@ pub fn make_ext4(tar: &Path, out: &Path, p: &Params) -> Result<()> {
     Ok(())
 }
 
+/// Size of a compact filesystem for content that used `used_blocks` blocks in a larger one,
+/// with `free` bytes to spare, rounded up to 64 MiB and at most `max`. A smaller ext4 has
+/// smaller inode tables and journal, so the content always fits.
+pub fn compact_size(used_blocks: u64, free: u64, max: u64) -> u64 {
+    let step = 64 << 20;
+    let want = used_blocks * BLOCK + free;
+    want.div_ceil(step).saturating_mul(step).min(max)
+}
+
 /// Used block ranges (start, count) in 4 KiB blocks, from the block bitmaps.
 pub fn used_blocks(image: &Path) -> Result<Vec<(u64, u64)>> {
     tools::require("dumpe2fs")?;
@@ -112,6 +121,16 @@ pub fn complement(free: &[(u64, u64)], total: u64) -> Vec<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compact_size_is_content_plus_free_in_64_mib_steps_up_to_the_maximum() {
+        let mib = 1u64 << 20;
+        // 389 MiB used + 512 MiB free = 901 MiB -> 960 MiB.
+        assert_eq!(compact_size(389 * 256, 512 * mib, 2048 * mib), 960 * mib);
+        assert_eq!(compact_size(0, 64 * mib, 2048 * mib), 64 * mib);
+        // Never more than the root's size.
+        assert_eq!(compact_size(1900 * 256, 512 * mib, 2048 * mib), 2048 * mib);
+    }
 
     #[test]
     fn free_lines_parse_and_complement() {

@@ -79,11 +79,19 @@ impl Drop for VolumeKey {
     }
 }
 
-/// Encrypts the filesystem image `fs` into a LUKS2 volume at `out`, unlockable with `key_file`.
-/// `used` lists the used ranges of the filesystem in bytes (offset, len).
+/// A filesystem image to encrypt.
+pub struct Plain<'a> {
+    pub fs: &'a Path,
+    /// Its used ranges in bytes (offset, len).
+    pub used: &'a [(u64, u64)],
+    /// Length of the data segment (at least the filesystem's): past the filesystem it stays
+    /// a hole, which first boot grows the filesystem into.
+    pub data_len: u64,
+}
+
+/// Encrypts the filesystem image into a LUKS2 volume at `out`, unlockable with `key_file`.
 pub fn encrypt(
-    fs: &Path,
-    used: &[(u64, u64)],
+    plain: &Plain,
     out: &Path,
     uuid: &str,
     key_file: &Path,
@@ -91,13 +99,14 @@ pub fn encrypt(
     work: &Path,
 ) -> Result<LuksInfo> {
     tools::require("cryptsetup")?;
+    let Plain { fs, used, data_len } = *plain;
     let fs_len = std::fs::metadata(fs)
         .map_err(Error::io("reading", fs))?
         .len();
     let vk = VolumeKey::random()?;
     {
         let f = File::create(out).map_err(Error::io("creating", out))?;
-        f.set_len(DATA_OFFSET + fs_len)
+        f.set_len(DATA_OFFSET + fs_len.max(data_len))
             .map_err(Error::io("sizing", out))?;
     }
     format_header(out, uuid, &vk, key_file, s, work)?;
@@ -318,9 +327,14 @@ mod tests {
         std::fs::write(&key, [42u8; 64]).unwrap();
         let out = d.path().join("root.luks");
         let s: LuksSettings = toml::from_str("").unwrap();
+        // The data segment is 1 MiB longer than the filesystem: a hole first boot grows into.
+        let data_len = data.len() as u64 + (1 << 20);
         let info = encrypt(
-            &fs,
-            &[(0, 1 << 19)],
+            &Plain {
+                fs: &fs,
+                used: &[(0, 1 << 19)],
+                data_len,
+            },
             &out,
             "9c3f7d1e-2b4a-4c5d-8e6f-0a1b2c3d4e5f",
             &key,
@@ -329,6 +343,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(info.encrypted_bytes, 1 << 19);
+        assert_eq!(
+            std::fs::metadata(&out).unwrap().len(),
+            DATA_OFFSET + data_len
+        );
         test_key(&out, &key).unwrap();
         let wrong = d.path().join("wrong");
         std::fs::write(&wrong, [1u8; 64]).unwrap();

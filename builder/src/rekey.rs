@@ -241,6 +241,12 @@ pub struct Status {
     pub bound: String,
     #[serde(default)]
     pub reencrypt_seconds: Option<f64>,
+    /// Bytes re-encrypted: the image's filesystem, not the whole partition.
+    #[serde(default)]
+    pub reencrypt_bytes: Option<u64>,
+    /// The root filesystem's size once grown to its partition.
+    #[serde(default)]
+    pub root_bytes: Option<u64>,
     /// Times the re-encryption was resumed after an interruption.
     #[serde(default)]
     pub resumed: u32,
@@ -255,8 +261,14 @@ impl Status {
             State::WaitingForSeed => "volume key replaced; waiting for the seed".into(),
             State::Binding => "binding the unlock methods".into(),
             State::Done => format!(
-                "own volume key (re-encrypted in {:.0} s{}), unlock: {}, enrollment key removed",
+                "own volume key (re-encrypted {}in {:.0} s{}{}), unlock: {}, enrollment key removed",
+                self.reencrypt_bytes
+                    .map(|b| format!("{} MiB ", b >> 20))
+                    .unwrap_or_default(),
                 self.reencrypt_seconds.unwrap_or(0.0),
+                self.root_bytes
+                    .map(|b| format!(", root {} MiB", b >> 20))
+                    .unwrap_or_default(),
                 if self.resumed > 0 {
                     format!(", resumed {}x", self.resumed)
                 } else {
@@ -413,6 +425,35 @@ fn root_device() -> Result<String> {
         })
 }
 
+/// The root mapping under /dev: `mapper/root`.
+fn mapping_path() -> String {
+    format!("mapper/{ROOT_MAPPING}")
+}
+
+/// Size in bytes of a block device (`blockdev --getsize64`).
+fn device_bytes(dev: &str) -> Result<u64> {
+    let out = tools::run(Command::new("blockdev").args(["--getsize64", dev]))?;
+    out.trim()
+        .parse()
+        .map_err(|_| Error::Vm(format!("blockdev --getsize64 {dev}: `{}`", out.trim())))
+}
+
+/// Size in bytes of the ext4 filesystem on `dev` (`dumpe2fs -h`).
+fn ext4_bytes(dev: &str) -> Result<u64> {
+    let out = tools::run(Command::new("dumpe2fs").args(["-h", dev]))?;
+    ext4_size(&out).ok_or_else(|| Error::Vm(format!("dumpe2fs -h {dev}: no block count/size")))
+}
+
+/// Block count × block size from `dumpe2fs -h`.
+pub fn ext4_size(dump: &str) -> Option<u64> {
+    let field = |name: &str| {
+        dump.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    Some(field("Block count:")? * field("Block size:")?)
+}
+
 /// A 0600 file in /run (tmpfs) holding `data`, removed on drop.
 struct KeyFile(PathBuf);
 impl KeyFile {
@@ -463,6 +504,8 @@ pub fn run(o: &Options) -> Result<Status> {
         message: String::new(),
         bound: String::new(),
         reencrypt_seconds: None,
+        reencrypt_bytes: None,
+        root_bytes: None,
         resumed: 0,
         seconds: 0.0,
     });
@@ -494,8 +537,29 @@ pub fn run(o: &Options) -> Result<Status> {
             write_status(&o.root, &st)?;
             c.arg("--resume-only");
         } else {
+            // The image's filesystem is only its content plus first-boot room; the rest of
+            // the partition was never written. The mapping is shrunk to the filesystem, so
+            // only that extent is re-encrypted (cryptsetup wants the active size and
+            // --device-size to agree); step 1b grows both afterwards.
+            let mapper = format!("/dev/{}", mapping_path());
+            let fs = ext4_bytes(&mapper)?;
+            let mapped = device_bytes(&mapper)?;
+            st.reencrypt_bytes = Some(fs.min(mapped));
             st.state = State::Reencrypting;
             write_status(&o.root, &st)?;
+            if fs < mapped {
+                let mut shrink = cs(&["resize", ROOT_MAPPING, "--key-file"]);
+                shrink
+                    .arg(&enroll)
+                    .args(["--size", &(fs / 512).to_string()]);
+                if let Err(e) = tools::run(&mut shrink) {
+                    return fail(o, st, format!("cryptsetup resize (to the filesystem): {e}"));
+                }
+                c.args(["--device-size", &fs.to_string()]);
+            }
+            // 4 KiB sectors (ext4's block size): an eighth of the IVs and requests of the
+            // image's 512-byte sectors, for the re-encryption and every read after it.
+            c.args(["--sector-size", "4096"]);
             // A small hot zone: after a power loss the initramfs recovers (re-hashes and
             // rewrites) at most this much before the root opens; under TCG the default
             // (as large as the checksum area allows: ~256 MiB with 512-byte sectors) kept a
@@ -510,6 +574,25 @@ pub fn run(o: &Options) -> Result<Status> {
         st.reencrypt_seconds =
             Some(st.reencrypt_seconds.unwrap_or(0.0) + t.elapsed().as_secs_f64());
         st.message.clear();
+        write_status(&o.root, &st)?;
+    }
+
+    // 1b. The root grows to its partition: the mapping (the LUKS2 segment covers the whole
+    // device, so cryptsetup fills it), then ext4, online. Both are no-ops once done; the
+    // enrollment key is still there (it goes in step 5, after this is recorded).
+    if st.root_bytes.is_none() {
+        let mut grow = cs(&["resize", ROOT_MAPPING, "--key-file"]);
+        grow.arg(&enroll);
+        if let Err(e) = tools::run(&mut grow) {
+            return fail(o, st, format!("cryptsetup resize (to the partition): {e}"));
+        }
+        let mapper = format!("/dev/{}", mapping_path());
+        if ext4_bytes(&mapper)? < device_bytes(&mapper)? {
+            if let Err(e) = tools::run(Command::new("resize2fs").arg(&mapper)) {
+                return fail(o, st, format!("resize2fs {mapper}: {e}"));
+            }
+        }
+        st.root_bytes = Some(ext4_bytes(&mapper)?);
         st.state = State::WaitingForSeed;
         write_status(&o.root, &st)?;
     }
@@ -815,16 +898,29 @@ Digests:
     }
 
     #[test]
+    fn ext4_size_is_block_count_times_block_size() {
+        let dump = "Filesystem volume name:   root\nBlock count:              245760\nReserved block count:     12288\nBlock size:               4096\n";
+        assert_eq!(ext4_size(dump), Some(960 << 20));
+        assert_eq!(ext4_size("Block count: 10\n"), None);
+    }
+
+    #[test]
     fn status_lines_say_what_happens() {
         let mut s = Status {
             state: State::Done,
             message: String::new(),
             bound: "tpm2".into(),
             reencrypt_seconds: Some(41.2),
+            reencrypt_bytes: None,
+            root_bytes: None,
             resumed: 1,
             seconds: 60.0,
         };
         assert_eq!(s.line(), "ncimage: encryption: own volume key (re-encrypted in 41 s, resumed 1x), unlock: tpm2 + recovery key, enrollment key removed");
+        s.reencrypt_bytes = Some(960 << 20);
+        s.root_bytes = Some(2048 << 20);
+        s.resumed = 0;
+        assert_eq!(s.line(), "ncimage: encryption: own volume key (re-encrypted 960 MiB in 41 s, root 2048 MiB), unlock: tpm2 + recovery key, enrollment key removed");
         s.state = State::Failed;
         s.message = "clevis luks bind tang failed".into();
         assert!(s.line().contains("FAILED: clevis luks bind tang failed"));

@@ -72,6 +72,11 @@ pub struct ArchiveSource {
 pub struct ImageSettings {
     #[serde(default = "d_root")]
     pub root_size: Size,
+    /// Free space the image's root filesystem carries for first boot. The built filesystem is
+    /// its content plus this, not `root_size`: first boot re-encrypts only that much with the
+    /// machine's own key, then grows the filesystem to `root_size` (rekey.rs).
+    #[serde(default = "d_root_free")]
+    pub root_free: Size,
     #[serde(default = "d_boot")]
     pub boot_size: Size,
     #[serde(default = "d_esp")]
@@ -88,6 +93,7 @@ pub struct ImageSettings {
 #[serde(deny_unknown_fields)]
 pub struct RoleOverrides {
     pub root_size: Option<Size>,
+    pub root_free: Option<Size>,
     pub boot_size: Option<Size>,
     /// Values of the role's build-time `vars` (see the role's role.toml).
     #[serde(default)]
@@ -254,6 +260,9 @@ fn default_suite() -> String {
 fn d_root() -> Size {
     Size(2 << 30)
 }
+fn d_root_free() -> Size {
+    Size(512 << 20)
+}
 fn d_boot() -> Size {
     Size(256 << 20)
 }
@@ -346,6 +355,7 @@ impl Spec {
         let mib = 1 << 20;
         for (what, size, min) in [
             ("image.root_size", self.image.root_size, 512 * mib),
+            ("image.root_free", self.image.root_free, 64 * mib),
             ("image.boot_size", self.image.boot_size, 64 * mib),
             ("image.esp_size", self.image.esp_size, 16 * mib),
         ] {
@@ -397,10 +407,15 @@ impl Spec {
             }
         }
         for (role, o) in &self.roles {
-            for size in [o.root_size, o.boot_size].into_iter().flatten() {
+            for (key, size) in [
+                ("root_size", o.root_size),
+                ("root_free", o.root_free),
+                ("boot_size", o.boot_size),
+            ] {
+                let Some(size) = size else { continue };
                 if size.0 < 64 * mib || size.0 % mib != 0 {
                     return bad(
-                        format!("roles.{role}: size {} bytes", size.0),
+                        format!("roles.{role}.{key} = {} bytes", size.0),
                         "use a whole number of MiB, at least 64 MiB",
                     );
                 }
@@ -434,6 +449,14 @@ impl Spec {
             .get(role)
             .and_then(|o| o.root_size)
             .unwrap_or(self.image.root_size)
+            .0
+    }
+    /// Free space in the image's root filesystem (see `ImageSettings::root_free`).
+    pub fn root_free(&self, role: &str) -> u64 {
+        self.roles
+            .get(role)
+            .and_then(|o| o.root_free)
+            .unwrap_or(self.image.root_free)
             .0
     }
     pub fn boot_size(&self, role: &str) -> u64 {
@@ -482,6 +505,7 @@ mod tests {
         let s = Spec::parse("x.toml", "[roles.redis]\nroot_size = \"3G\"\n").unwrap();
         assert_eq!(s.root_size("redis"), 3 << 30);
         assert_eq!(s.root_size("db"), 2 << 30);
+        assert_eq!(s.root_free("db"), 512 << 20);
     }
 
     #[test]
@@ -523,6 +547,9 @@ mod tests {
     fn bad_values_are_rejected_with_help() {
         assert!(err("suite = \"bookworm\"").contains("not supported"));
         assert!(err("[image]\nroot_size = \"10M\"").contains("root_size"));
+        assert!(err("[image]\nroot_free = \"16M\"").contains("root_free"));
+        assert!(err("[roles.redis]\nroot_free = \"100000\"")
+            .contains("roles.redis.root_free = 100000 bytes"));
         assert!(err("[image]\nformats = []").contains("formats"));
         assert!(err("[image]\nformats = [\"vdi\"]").contains("vdi"));
         assert!(err("[luks]\npbkdf_memory_kib = 0").contains("pbkdf"));
