@@ -43,6 +43,60 @@ pub struct NodeState {
     pub serial_log: PathBuf,
 }
 
+/// Disk a lab takes at most, roughly: per node, its image's root filesystem (first boot
+/// re-encrypts it, so every block lands in the VM's overlay; 2 GiB when the manifest does not
+/// say) plus 1 GiB for first boot's writes, the data volumes' contents and the logs.
+pub fn disk_needed(spec: &Spec, images: &Path) -> u64 {
+    spec.nodes
+        .iter()
+        .map(|n| {
+            let manifest = images.join(&n.role).join("manifest.json");
+            let root = std::fs::read_to_string(&manifest)
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .and_then(|m| m["filesystems"]["root"]["size_bytes"].as_u64())
+                .unwrap_or(2 << 30);
+            root + (1 << 30)
+        })
+        .sum()
+}
+
+/// Refuses to start a lab that would fill its disk.
+pub fn enough_space(need: u64, free: u64, dir: &Path) -> Result<()> {
+    if free >= need {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        format!(
+            "the lab needs about {} GiB free under {} and {} GiB are free: each VM's overlay \
+             receives its re-encrypted root and first boot's writes, and a full disk pauses \
+             every VM",
+            need.div_ceil(1 << 30),
+            dir.display(),
+            free >> 30
+        ),
+        "free space (old outputs under out/, target/qemu-tests, /var/cache/ncimage/rootfs) or give `--dir` on a larger disk",
+    ))
+}
+
+/// Bytes available under `path` (or its nearest existing parent).
+fn free_bytes(path: &Path) -> Result<u64> {
+    let mut p = path;
+    while !p.exists() {
+        p = p.parent().unwrap_or(Path::new("/"));
+    }
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::invalid(format!("{} has a NUL byte", p.display()), "rename it"))?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a valid out-pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(Error::io("reading the free space of", p)(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
 /// The lab's folder: short, because QEMU's socket paths must fit in 107 bytes.
 pub fn default_dir(cluster: &str) -> PathBuf {
     PathBuf::from(format!("/var/tmp/ncimage-lab-{cluster}"))
@@ -371,6 +425,7 @@ pub fn up(o: &UpOptions, say: &dyn Fn(&str)) -> Result<State> {
         ));
     }
     let _ = std::fs::remove_dir_all(&o.dir);
+    enough_space(disk_needed(&o.spec, &o.images), free_bytes(&o.dir)?, &o.dir)?;
     std::fs::create_dir_all(o.dir.join("seeds")).map_err(Error::io("creating", &o.dir))?;
     say(&format!(
         "boot order (what others wait for first): {}",
@@ -560,6 +615,35 @@ fn data_disks(image: &Path, work: &Path) -> Result<Vec<(PathBuf, String)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lab_that_would_fill_its_disk_is_refused() {
+        let spec = Spec::parse("lab.toml", include_str!("../../image-specs/lab.toml")).unwrap();
+        let images = tempfile::tempdir().unwrap();
+        // No manifests: 2 GiB per root; one manifest says its root is 1 GiB.
+        let without = disk_needed(&spec, images.path());
+        assert_eq!(without, spec.nodes.len() as u64 * (3 << 30));
+        std::fs::create_dir_all(images.path().join("db")).unwrap();
+        std::fs::write(
+            images.path().join("db/manifest.json"),
+            r#"{"filesystems": {"root": {"size_bytes": 1073741824}}}"#,
+        )
+        .unwrap();
+        let dbs = spec.nodes.iter().filter(|n| n.role == "db").count() as u64;
+        assert!(dbs > 0);
+        assert_eq!(disk_needed(&spec, images.path()), without - dbs * (1 << 30));
+
+        let dir = Path::new("/var/tmp/ncimage-lab-x");
+        assert!(enough_space(20 << 30, 20 << 30, dir).is_ok());
+        let e = enough_space(25 << 30, 9 << 30, dir)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("needs about 25 GiB free under /var/tmp/ncimage-lab-x and 9 GiB are free"),
+            "{e}"
+        );
+        assert!(free_bytes(&dir.join("not/yet")).unwrap() > 0);
+    }
 
     #[test]
     fn renice_sets_every_thread() {
