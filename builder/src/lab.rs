@@ -331,6 +331,18 @@ fn alive(pid: u32) -> bool {
     unsafe { libc::kill(pid as i32, 0) == 0 }
 }
 
+const PANIC: &str = "kernel panic";
+
+/// The panic message of the last boot in a serial log (after its last kernel banner), if any:
+/// a guest that panics before its pvpanic driver loads would otherwise look like a slow boot.
+pub fn kernel_panic(serial: &str) -> Option<String> {
+    let last_boot = serial.rfind("Linux version").unwrap_or(0);
+    let tail = &serial[last_boot..];
+    let at = tail.find("Kernel panic - not syncing:")?;
+    let line = tail[at..].lines().next().unwrap_or("");
+    Some(line.trim_end_matches(" ]---").trim().to_string())
+}
+
 /// One node's status line, from `ncimage status` in the guest (or why there is none).
 pub fn node_status(n: &NodeState) -> (bool, String) {
     if !alive(n.qemu_pid) {
@@ -348,6 +360,19 @@ pub fn node_status(n: &NodeState) -> (bool, String) {
         .call("guest-ping", serde_json::json!({}), Duration::from_secs(3))
         .is_err()
     {
+        if let Some(panic) = std::fs::read(&n.serial_log)
+            .ok()
+            .and_then(|log| kernel_panic(&String::from_utf8_lossy(&log)))
+        {
+            return (
+                false,
+                format!(
+                    "{}: {PANIC} at boot: {panic} (serial log: {})",
+                    n.name,
+                    n.serial_log.display()
+                ),
+            );
+        }
         return (false, format!("{}: booting (no guest agent yet)", n.name));
     }
     match agent.exec(
@@ -534,7 +559,7 @@ fn up_inner(
                 say(&format!("{:>6.0} s  {line}", t.elapsed().as_secs_f64()));
                 // A failed join is tried again by its unit (Restart=on-failure): only a dead
                 // VM ends the wait early.
-                if line.contains("QEMU is not running") {
+                if line.contains("QEMU is not running") || line.contains(PANIC) {
                     return Err(Error::Vm(format!("lab {}: {line}", cluster.name)));
                 }
                 last.insert(n.name.clone(), line);
@@ -615,6 +640,21 @@ fn data_disks(image: &Path, work: &Path) -> Result<Vec<(PathBuf, String)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_panic_of_the_last_boot_is_found_in_the_serial_log() {
+        let panic = "[    0.000000] Linux version 6.12\n[    0.116000] ---[ end Kernel panic - not syncing: IO-APIC + timer doesn't work!  Boot with apic=debug and send a report.  Then try booting with the 'noapic' option. ]---\n";
+        let found = kernel_panic(panic).unwrap();
+        assert!(
+            found.starts_with("Kernel panic - not syncing: IO-APIC + timer"),
+            "{found}"
+        );
+        assert!(found.ends_with("option."), "{found}");
+        // Rebooted since (the lab's reset): the new boot has no panic.
+        let rebooted = format!("{panic}[    0.000000] Linux version 6.12\nWelcome to Debian\n");
+        assert_eq!(kernel_panic(&rebooted), None);
+        assert_eq!(kernel_panic("Linux version 6.12\nlogin:"), None);
+    }
 
     #[test]
     fn a_lab_that_would_fill_its_disk_is_refused() {

@@ -273,7 +273,7 @@ fn d_formats() -> Vec<Format> {
     vec![Format::Qcow2, Format::Raw]
 }
 fn d_cmdline() -> String {
-    "ro console=tty0 console=ttyS0,115200n8".into()
+    "ro console=tty0 console=ttyS0,115200n8 no_timer_check".into()
 }
 fn d_epoch() -> u64 {
     1767225600
