@@ -425,9 +425,9 @@ fn root_device() -> Result<String> {
         })
 }
 
-/// The root mapping under /dev: `mapper/root`.
-fn mapping_path() -> String {
-    format!("mapper/{ROOT_MAPPING}")
+/// The root mapping's device: /dev/mapper/root.
+fn mapper() -> String {
+    format!("/dev/mapper/{ROOT_MAPPING}")
 }
 
 /// Size in bytes of a block device (`blockdev --getsize64`).
@@ -541,7 +541,7 @@ pub fn run(o: &Options) -> Result<Status> {
             // the partition was never written. The mapping is shrunk to the filesystem, so
             // only that extent is re-encrypted (cryptsetup wants the active size and
             // --device-size to agree); step 1b grows both afterwards.
-            let mapper = format!("/dev/{}", mapping_path());
+            let mapper = mapper();
             let fs = ext4_bytes(&mapper)?;
             let mapped = device_bytes(&mapper)?;
             st.reencrypt_bytes = Some(fs.min(mapped));
@@ -586,7 +586,7 @@ pub fn run(o: &Options) -> Result<Status> {
         if let Err(e) = tools::run(&mut grow) {
             return fail(o, st, format!("cryptsetup resize (to the partition): {e}"));
         }
-        let mapper = format!("/dev/{}", mapping_path());
+        let mapper = mapper();
         if ext4_bytes(&mapper)? < device_bytes(&mapper)? {
             if let Err(e) = tools::run(Command::new("resize2fs").arg(&mapper)) {
                 return fail(o, st, format!("resize2fs {mapper}: {e}"));

@@ -1252,7 +1252,8 @@ fn a_second_machine_gets_its_own_key_unlocks_with_tang_and_at_the_console() {
         eprintln!("first boot ready after {secs:.0} s: {status}");
         unlock_figure(&vm, "enrollment key, first boot");
         figure(&format!(
-            "encryption: first-boot re-encryption of the {} root took {} s ({})",
+            "encryption: first-boot re-encryption of {} MiB (the image's filesystem; the root grew to {}) took {} s ({})",
+            sh(&vm, "jq '.reencrypt_bytes / 1048576' /var/lib/ncimage/rekey.json"),
             sh(&vm, "lsblk -dno SIZE /dev/mapper/root"),
             sh(&vm, "jq .reencrypt_seconds /var/lib/ncimage/rekey.json"),
             sh(&vm, "cryptsetup luksDump $(cryptsetup status root | awk '/device:/ { print $2 }') | awk '/PBKDF:/ { p = $2 } /Time cost:/ { t = $3 } /Memory:/ { m = $2 } /Threads:/ { printf \"%s%s %s KiB %s iter %s lane\", sep, p, m, t, $2; sep = \"; \" }'")
