@@ -1364,7 +1364,13 @@ fn openstack_standin(hash: GlanceHash) -> StandIn {
     })
 }
 
+/// `ncimage upload` of `dir` to the stand-in, through a targets file in `d`.
 fn openstack_run(d: &Path, s: &StandIn, dir: &Path) -> Output {
+    std::fs::write(
+        d.join("targets.toml"),
+        "[targets.os]\nprovider = \"openstack\"\npoll_seconds = 0\n",
+    )
+    .unwrap();
     // The most verbose log: no token or password may appear in it either.
     ncimage_cmd(
         d,
@@ -1397,11 +1403,6 @@ fn openstack_glance_upload_matches_keystone_and_glance_documented_requests_on_a_
     let d = tempfile::tempdir().unwrap();
     let data = random_bytes(6 << 20, 8);
     let dir = image_dir(d.path(), "ncimage-testrole.qcow2", "qcow2", &data);
-    std::fs::write(
-        d.path().join("targets.toml"),
-        "[targets.os]\nprovider = \"openstack\"\npoll_seconds = 0\n",
-    )
-    .unwrap();
     let out = openstack_run(d.path(), &s, &dir);
     let t = succeeds(&out);
     assert!(
@@ -1469,11 +1470,6 @@ fn openstack_image_whose_stored_hash_differs_is_reported_on_a_local_stand_in() {
         "qcow2",
         &random_bytes(1 << 20, 9),
     );
-    std::fs::write(
-        d.path().join("targets.toml"),
-        "[targets.os]\nprovider = \"openstack\"\npoll_seconds = 0\n",
-    )
-    .unwrap();
     let out = openstack_run(d.path(), &s, &dir);
     fails_with(
         &out,
@@ -1495,11 +1491,6 @@ fn openstack_file_that_differs_from_its_manifest_is_deleted_before_it_is_active_
     let mut changed = data.clone();
     changed[2 << 20] ^= 1;
     std::fs::write(dir.join("ncimage-testrole.qcow2"), &changed).unwrap();
-    std::fs::write(
-        d.path().join("targets.toml"),
-        "[targets.os]\nprovider = \"openstack\"\npoll_seconds = 0\n",
-    )
-    .unwrap();
     let out = openstack_run(d.path(), &s, &dir);
     fails_with(
         &out,
@@ -1547,11 +1538,6 @@ fn openstack_without_sha512_from_glance_says_what_was_not_compared_on_a_local_st
             "qcow2",
             &random_bytes(1 << 20, 14),
         );
-        std::fs::write(
-            d.path().join("targets.toml"),
-            "[targets.os]\nprovider = \"openstack\"\npoll_seconds = 0\n",
-        )
-        .unwrap();
         let t = succeeds(&openstack_run(d.path(), &s, &dir));
         assert!(t.contains(says), "{t}");
         assert!(
