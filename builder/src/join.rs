@@ -83,8 +83,10 @@ fn write_status(root: &Path, s: &Status) -> Result<()> {
 }
 
 /// Runs the join steps of this node. Each step's output goes to the journal (inherited
-/// stdout/stderr); its last line of stderr becomes the failure message.
-pub fn run(p: &Paths) -> Result<Status> {
+/// stdout/stderr); its last line of stderr becomes the failure message. `progress` gets the
+/// status line as each step starts (the CLI prints it on the serial console, where `ncimage lab
+/// up` reads it without running anything in the guest).
+pub fn run(p: &Paths, progress: &dyn Fn(&str)) -> Result<Status> {
     let (info, node) = crate::firstboot::load(p)?;
     let cluster = node.cluster["name"].as_str().map(str::to_string);
     let t = Instant::now();
@@ -113,6 +115,7 @@ pub fn run(p: &Paths) -> Result<Status> {
         s.step = Some(name.clone());
         s.seconds = t.elapsed().as_secs_f64();
         write_status(&p.root, &s)?;
+        progress(&s.line());
         let out = Command::new("bash")
             .arg(p.root.join(step.trim_start_matches('/')))
             .env("NCIMAGE_NODE", &p.node)
@@ -196,7 +199,7 @@ mod tests {
             ],
             true,
         );
-        let s = run(&Paths::under(d.path())).unwrap();
+        let s = run(&Paths::under(d.path()), &|_| {}).unwrap();
         assert_eq!(s.state, State::Joined);
         assert_eq!(s.steps_done, 2);
         assert_eq!(
@@ -218,7 +221,7 @@ mod tests {
             ],
             true,
         );
-        let s = run(&Paths::under(d.path())).unwrap();
+        let s = run(&Paths::under(d.path()), &|_| {}).unwrap();
         assert_eq!(s.state, State::Failed);
         assert_eq!(s.steps_done, 0);
         assert!(
@@ -232,6 +235,9 @@ mod tests {
     #[test]
     fn a_node_alone_has_nothing_to_join() {
         let d = setup(&[("10-a.sh", "exit 1")], false);
-        assert_eq!(run(&Paths::under(d.path())).unwrap().state, State::Alone);
+        assert_eq!(
+            run(&Paths::under(d.path()), &|_| {}).unwrap().state,
+            State::Alone
+        );
     }
 }

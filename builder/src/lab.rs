@@ -343,6 +343,66 @@ pub fn kernel_panic(serial: &str) -> Option<String> {
     Some(line.trim_end_matches(" ]---").trim().to_string())
 }
 
+/// A node's join line as its serial console shows it: the last `ncimage join` line of the
+/// last boot (the join prints one as each step starts, and its outcome), and whether it says
+/// joined. Reading the log costs the guest nothing; asking its agent runs a process in a guest
+/// that shares the host's CPU with every other one still booting.
+pub fn serial_join_line(name: &str, serial: &str) -> Option<(bool, String)> {
+    let last_boot = serial.rfind("Linux version").unwrap_or(0);
+    let prefix = format!("ncimage: {name} (");
+    let line = serial[last_boot..]
+        .lines()
+        .filter_map(|l| l.find(&prefix).map(|at| l[at..].trim_end()))
+        .next_back()?;
+    Some((line.contains(": joined in"), line.to_string()))
+}
+
+/// A node's join line from /run/ncimage/join.json, read by its guest agent (guest-file-read:
+/// no process runs in the guest).
+fn agent_join_line(n: &NodeState) -> (bool, String) {
+    let agent = Agent::new(&n.name, &n.qga);
+    match agent.read_file(
+        &format!("/{}", crate::join::status_path(Path::new("")).display()),
+        Duration::from_secs(5),
+    ) {
+        Ok(json) => match serde_json::from_slice::<crate::join::Status>(&json) {
+            Ok(s) => (s.state == crate::join::State::Joined, s.line()),
+            Err(e) => (false, format!("{}: unreadable join status ({e})", n.name)),
+        },
+        Err(_) => (
+            false,
+            format!("{}: booting (join not started, or no guest agent yet)", n.name),
+        ),
+    }
+}
+
+/// What `lab up` shows of a node while it waits: a dead QEMU, a kernel panic, or the last join
+/// line on the serial console. `ask_agent` also reads the join's status file through the guest
+/// agent (a console line can be garbled by kernel messages written at the same time). None:
+/// nothing to show yet but "booting", or nothing new.
+fn watch_status(n: &NodeState, ask_agent: bool) -> Option<(bool, String)> {
+    if !alive(n.qemu_pid) {
+        return Some(node_status(n));
+    }
+    let serial = std::fs::read(&n.serial_log).unwrap_or_default();
+    let serial = String::from_utf8_lossy(&serial);
+    if let Some(panic) = kernel_panic(&serial) {
+        return Some((
+            false,
+            format!(
+                "{}: {PANIC} at boot: {panic} (serial log: {})",
+                n.name,
+                n.serial_log.display()
+            ),
+        ));
+    }
+    match serial_join_line(&n.name, &serial) {
+        Some((true, line)) => Some((true, line)),
+        _ if ask_agent => Some(agent_join_line(n)),
+        other => other,
+    }
+}
+
 /// One node's status line, from `ncimage status` in the guest (or why there is none).
 pub fn node_status(n: &NodeState) -> (bool, String) {
     if !alive(n.qemu_pid) {
@@ -538,18 +598,43 @@ fn up_inner(
         o.stagger.as_secs()
     ));
     let mut last: HashMap<String, String> = HashMap::new();
-    // Nodes that reported `joined` are not asked again (each question runs a process in a
-    // guest that shares the CPU with the ones still booting): only their QEMU is watched.
+    // Nodes that reported `joined` are not looked at again: only their QEMU is watched. The
+    // others are read from their serial consoles, and once a minute from their join status
+    // file through the guest agent. Nothing runs in a guest: a process started there (such as
+    // `ncimage status`) costs a second of CPU shared with every guest still booting.
     let mut joined_nodes: std::collections::HashSet<String> = Default::default();
+    let mut asked: HashMap<String, Instant> = HashMap::new();
     loop {
         crate::interrupt::check()?;
         let state = read_state(&o.dir)?;
         let mut all = state.nodes.len() == o.spec.nodes.len();
+        // One agent per round (a round is a few seconds), each at most once a minute.
+        let ask = state
+            .nodes
+            .iter()
+            .filter(|n| !joined_nodes.contains(&n.name))
+            .filter(|n| {
+                asked
+                    .get(&n.name)
+                    .is_none_or(|a| a.elapsed() >= Duration::from_secs(60))
+            })
+            .min_by_key(|n| asked.get(&n.name).copied())
+            .map(|n| n.name.clone());
+        if let Some(a) = &ask {
+            asked.insert(a.clone(), Instant::now());
+        }
         for n in &state.nodes {
             let (joined, line) = if joined_nodes.contains(&n.name) && alive(n.qemu_pid) {
                 (true, last.get(&n.name).cloned().unwrap_or_default())
             } else {
-                node_status(n)
+                match watch_status(n, ask.as_ref() == Some(&n.name)) {
+                    Some(s) => s,
+                    // Nothing new: the line shown last stands.
+                    None => {
+                        all = false;
+                        continue;
+                    }
+                }
             };
             if joined {
                 joined_nodes.insert(n.name.clone());
@@ -654,6 +739,51 @@ mod tests {
         let rebooted = format!("{panic}[    0.000000] Linux version 6.12\nWelcome to Debian\n");
         assert_eq!(kernel_panic(&rebooted), None);
         assert_eq!(kernel_panic("Linux version 6.12\nlogin:"), None);
+    }
+
+    #[test]
+    fn a_check_that_needs_a_failed_checks_output_is_not_run() {
+        let missing = vec![("db2_boot".to_string(), "record db-2's boot id".to_string())];
+        let run = "test \"$(cat /proc/sys/kernel/random/boot_id)\" != '{{ saved.db2_boot }}'";
+        assert_eq!(
+            blocked_by(run, &missing).map(|m| m.1.as_str()),
+            Some("record db-2's boot id")
+        );
+        // Another key with the same beginning is not that output.
+        assert_eq!(blocked_by("echo {{ saved.db2_boot_time }}", &missing), None);
+        assert_eq!(blocked_by("echo {{ saved.app2_boot }}", &missing), None);
+    }
+
+    #[test]
+    fn the_join_line_is_read_from_the_last_boot_on_the_serial_console() {
+        let first = "[    0.000000] Linux version 6.12\r\nncimage: app-1 (app) of lab: joining (1/3: app/10-wait.sh)\r\n[   40.1] random: crng init done\r\n";
+        assert_eq!(
+            serial_join_line("app-1", first),
+            Some((
+                false,
+                "ncimage: app-1 (app) of lab: joining (1/3: app/10-wait.sh)".to_string()
+            ))
+        );
+        // Another node's line and a line behind a kernel message's text are told apart.
+        let joined = format!("{first}ncimage: app-2 (app) of lab: joined in 3 s\r\n[ 90.2] eth0: up ncimage: app-1 (app) of lab: joined in 51 s\r\n");
+        assert_eq!(
+            serial_join_line("app-1", &joined),
+            Some((
+                true,
+                "ncimage: app-1 (app) of lab: joined in 51 s".to_string()
+            ))
+        );
+        assert_eq!(
+            serial_join_line("app-10", &joined),
+            None,
+            "app-10 is not app-1"
+        );
+        // A failed step is shown but is not joined (its unit tries again).
+        let failed = format!("{first}ncimage: app-1 (app) of lab: join failed at app/10-wait.sh: waited 300 s for db-1:3306\r\n");
+        assert!(!serial_join_line("app-1", &failed).unwrap().0);
+        // After a reboot, the earlier boot's lines do not count.
+        let rebooted = format!("{joined}[    0.000000] Linux version 6.12\r\n");
+        assert_eq!(serial_join_line("app-1", &rebooted), None);
     }
 
     #[test]
@@ -805,6 +935,17 @@ pub fn load_checks(path: &Path) -> Result<Vec<LabCheck>> {
 
 /// Runs the checks in order; returns (passed, failed). Output is redacted with the lab's
 /// secrets before it is printed.
+/// The first output a check's script uses (`saved.<key>`) that an earlier, failed check did not
+/// save: (key, that check's name).
+fn blocked_by<'a>(run: &str, missing: &'a [(String, String)]) -> Option<&'a (String, String)> {
+    missing.iter().find(|(k, _)| {
+        run.match_indices(&format!("saved.{k}")).any(|(at, m)| {
+            !run[at + m.len()..]
+                .starts_with(|ch: char| ch.is_ascii_alphanumeric() || ch == '_')
+        })
+    })
+}
+
 pub fn test(
     dir: &Path,
     spec: &Spec,
@@ -820,6 +961,8 @@ pub fn test(
     let secrets =
         crate::secrets::Secrets(crate::secrets::load(&dir.join("secrets.toml"), &cluster)?);
     let mut saved = serde_json::Map::new();
+    // Outputs that failed checks would have saved: (key, check name).
+    let mut missing: Vec<(String, String)> = Vec::new();
     let (mut passed, mut failed) = (0, 0);
     for c in checks {
         crate::interrupt::check()?;
@@ -832,6 +975,18 @@ pub fn test(
                 "use a node name of the spec",
             )
         })?;
+        // A check that uses the output of one that failed is not run: it fails, naming why.
+        if let Some((k, by)) = blocked_by(&c.run, &missing) {
+            failed += 1;
+            say(&format!(
+                "FAIL {} / {}\n     not run: it uses `saved.{k}`, which the failed check `{by}` did not save",
+                c.on, c.name
+            ));
+            if let Some(k) = &c.save {
+                missing.push((k.clone(), c.name.clone()));
+            }
+            continue;
+        }
         let ctx = serde_json::json!({ "cluster": crate::cluster::topology(spec), "saved": saved });
         let script = crate::template::render(&c.name, &c.run, &ctx)?;
         let as_check = crate::layer::Check {
@@ -872,6 +1027,9 @@ pub fn test(
             }
             Err(why) => {
                 failed += 1;
+                if let Some(k) = &c.save {
+                    missing.push((k.clone(), c.name.clone()));
+                }
                 say(&format!(
                     "FAIL {} / {}\n     {}",
                     c.on,

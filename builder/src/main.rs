@@ -719,7 +719,11 @@ fn run(cli: Cli) -> ncimage::Result<()> {
             Ok(())
         }
         Cmd::Join { root } => {
-            let s = ncimage::join::run(&firstboot::Paths::under(&root))?;
+            // Each step's line goes to stdout, which the unit sends to the serial console.
+            let s = ncimage::join::run(&firstboot::Paths::under(&root), &|l| {
+                println!("{l}");
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+            })?;
             println!("{}", s.line());
             if s.state == ncimage::join::State::Failed {
                 return Err(ncimage::Error::invalid(s.line(), "see `journalctl -u ncimage-join.service`; the steps run again at the next boot or with `systemctl restart ncimage-join.service`"));

@@ -261,7 +261,7 @@ fn d_root() -> Size {
     Size(2 << 30)
 }
 fn d_root_free() -> Size {
-    Size(512 << 20)
+    Size(256 << 20)
 }
 fn d_boot() -> Size {
     Size(256 << 20)
@@ -505,7 +505,7 @@ mod tests {
         let s = Spec::parse("x.toml", "[roles.redis]\nroot_size = \"3G\"\n").unwrap();
         assert_eq!(s.root_size("redis"), 3 << 30);
         assert_eq!(s.root_size("db"), 2 << 30);
-        assert_eq!(s.root_free("db"), 512 << 20);
+        assert_eq!(s.root_free("db"), 256 << 20);
     }
 
     #[test]
