@@ -137,7 +137,7 @@ impl VmPaths {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
-    /// `-accel tcg,thread=multi,tb-size=128 -cpu max,la57=off,svm=off`
+    /// `-accel tcg,thread=multi,tb-size=512 -cpu max,la57=off,svm=off`
     Tcg,
     /// `-accel kvm -cpu host`
     Kvm,
@@ -163,14 +163,16 @@ pub fn accel() -> Accel {
 /// page tables instead of four, and SVM, which only makes the guest load kvm_amd.
 pub const TCG_CPU: &str = "max,la57=off,svm=off";
 
-/// TCG's options. The translation cache is 128 MiB (`NCIMAGE_TB_SIZE` overrides, in MiB)
-/// rather than QEMU's 1 GiB default: measured on a redis guest of 2 GiB, QEMU's peak RSS fell
-/// from 986 to 630 MiB, which decides how many guests a lab fits in.
+/// TCG's options. The translation cache is 512 MiB (`NCIMAGE_TB_SIZE` overrides, in MiB)
+/// rather than QEMU's 1 GiB default: measured on a redis guest of 2 GiB, QEMU's peak RSS was
+/// 986 MiB with 1 GiB and 630 MiB with 128 MiB, which decides how many guests a lab fits in.
+/// But a full cache is thrown away and everything retranslated: with 128 MiB every lab node
+/// did so 7 to 16 times (QEMU's `info jit`), at the CPU's expense.
 pub fn tcg_options() -> String {
     let mib = std::env::var("NCIMAGE_TB_SIZE")
         .ok()
         .and_then(|v| v.trim().parse::<u32>().ok())
-        .unwrap_or(128);
+        .unwrap_or(512);
     format!("tcg,thread=multi,tb-size={mib}")
 }
 
@@ -1497,7 +1499,7 @@ mod tests {
             "{s}"
         );
         assert!(
-            s.contains("-accel tcg,thread=multi,tb-size=128 -cpu max,la57=off,svm=off"),
+            s.contains("-accel tcg,thread=multi,tb-size=512 -cpu max,la57=off,svm=off"),
             "{s}"
         );
         assert!(s.contains("-netdev user,id=n0,restrict=on -device virtio-net-pci,netdev=n0,romfile=,mac=52:54:00:12:34:56"), "{s}");
