@@ -142,7 +142,16 @@ pub fn luks_summary(dump: &str) -> Vec<String> {
                 slot = Some(format!("{k} ({v})"));
             }
             ("Keyslots", Some((k, v)))
-                if ["PBKDF", "Memory", "Time cost", "Threads", "Priority"].contains(&k) =>
+                if [
+                    "PBKDF",
+                    "Hash",
+                    "Iterations",
+                    "Memory",
+                    "Time cost",
+                    "Threads",
+                    "Priority",
+                ]
+                .contains(&k) =>
             {
                 slot_info.push(format!("{} {v}", k.to_lowercase()))
             }
@@ -398,11 +407,24 @@ mod tests {
         tools::run(
             Command::new("cryptsetup")
                 .args(["luksFormat", "-q", "--disable-locks", "--type", "luks2"])
-                .args(["--pbkdf", "argon2id", "--pbkdf-memory", "65536"])
-                .args(["--pbkdf-force-iterations", "4", "--pbkdf-parallel", "1"])
+                .args(crate::luks::GENERATED_KEY_PBKDF_ARGS)
                 .args(["--label", "root", "--key-file"])
                 .arg(&key)
                 .arg(&vol),
+        )
+        .unwrap();
+        // An argon2id keyslot too (images built before keyslots used PBKDF2).
+        let key2 = d.path().join("k2");
+        std::fs::write(&key2, "k2").unwrap();
+        tools::run(
+            Command::new("cryptsetup")
+                .args(["luksAddKey", "-q", "--disable-locks"])
+                .args(["--pbkdf", "argon2id", "--pbkdf-memory", "65536"])
+                .args(["--pbkdf-force-iterations", "4", "--pbkdf-parallel", "1"])
+                .arg("--key-file")
+                .arg(&key)
+                .arg(&vol)
+                .arg(&key2),
         )
         .unwrap();
         let dump = tools::run(
@@ -415,9 +437,16 @@ mod tests {
         assert!(s.contains("Version: 2"), "{s}");
         assert!(s.contains("Label: root"), "{s}");
         assert!(s.contains("data cipher: aes-xts-plain64"), "{s}");
-        assert!(s.contains("keyslot 0 (luks2): "), "{s}");
+        assert!(
+            s.contains(
+                "keyslot 0 (luks2): priority normal, pbkdf pbkdf2, hash sha512, iterations 1000\n"
+            ),
+            "{s}"
+        );
+        assert!(s.contains("keyslot 1 (luks2): "), "{s}");
         assert!(s.contains("pbkdf argon2id"), "{s}");
         assert!(s.contains("memory 65536"), "{s}");
+        assert_eq!(s.matches("hash ").count(), 1, "{s}");
         assert!(!s.contains("token"), "{s}");
     }
 }

@@ -5,7 +5,8 @@
 //! 1. online LUKS2 re-encryption of the active root with a fresh volume key (`cryptsetup
 //!    reencrypt`, resilience `checksum`: a power loss leaves a resumable header; the initramfs
 //!    opens the device in that state and the next boot's run resumes with `--resume-only`);
-//! 2. the node's recovery key (from its seed) as a keyslot (argon2id, the image's pinned cost);
+//! 2. the node's recovery key (from its seed) as a keyslot (PBKDF2, 1000 iterations: it is
+//!    generated, 128 random bits; see `luks::GENERATED_KEY_PBKDF_ARGS`);
 //! 3. the automatic unlock methods of the node's policy bound with clevis (tpm2, tang, or an
 //!    sss threshold across them);
 //! 4. the first-boot initramfs with the enrollment key (/boot/ncimage-enroll.img, loaded by
@@ -386,7 +387,8 @@ pub struct Options {
     pub root: PathBuf,
     /// The enrollment key file (in the image; gone once done).
     pub enroll_key: PathBuf,
-    /// PBKDF of new passphrase keyslots.
+    /// PBKDF of the keyslots it adds (the re-encrypted enrollment keyslot, the recovery key):
+    /// all hold generated keys (`luks::GENERATED_KEY_PBKDF_ARGS`).
     pub pbkdf: Vec<String>,
     /// How long to wait for the seed (node.json).
     pub seed_wait: Duration,
@@ -397,7 +399,7 @@ impl Options {
         Options {
             root: PathBuf::from("/"),
             enroll_key: PathBuf::from("/etc/ncimage/keys/enroll.key"),
-            pbkdf: crate::luks::PBKDF_ARGS
+            pbkdf: crate::luks::GENERATED_KEY_PBKDF_ARGS
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
@@ -647,7 +649,7 @@ pub fn run(o: &Options) -> Result<Status> {
     st.state = State::Binding;
     write_status(&o.root, &st)?;
 
-    // 3. The recovery key, with the pinned PBKDF.
+    // 3. The recovery key (generated: the minimal PBKDF).
     let rec = KeyFile::new("recovery.key", recovery.trim().as_bytes())?;
     if opens(&dev, &rec.0).is_none() {
         let mut c = cs(&["luksAddKey", "--batch-mode", "--key-file"]);

@@ -173,15 +173,18 @@ pub struct LuksSettings {
     pub cipher: String,
     #[serde(default = "d_key_bits")]
     pub key_bits: u32,
-    #[serde(default = "d_pbkdf")]
-    pub pbkdf: String,
-    #[serde(default = "d_pbkdf_mem")]
-    pub pbkdf_memory_kib: u32,
-    #[serde(default = "d_pbkdf_iter")]
-    pub pbkdf_iterations: u32,
-    #[serde(default = "d_pbkdf_par")]
-    pub pbkdf_parallel: u32,
+    // No PBKDF settings: every keyslot holds a generated key and uses
+    // `luks::GENERATED_KEY_PBKDF_ARGS` (see `REMOVED_LUKS_KEYS`).
 }
+
+/// `[luks]` keys of older specs: the PBKDF is no longer a setting. A spec that still sets one
+/// gets an error that says why and what to do instead of serde's bare "unknown field".
+const REMOVED_LUKS_KEYS: [&str; 4] = [
+    "pbkdf",
+    "pbkdf_memory_kib",
+    "pbkdf_iterations",
+    "pbkdf_parallel",
+];
 
 /// A byte size written as an integer (bytes) or a string with a K/M/G/T suffix (powers of 1024).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -284,18 +287,6 @@ fn d_cipher() -> String {
 fn d_key_bits() -> u32 {
     512
 }
-fn d_pbkdf() -> String {
-    "argon2id".into()
-}
-fn d_pbkdf_mem() -> u32 {
-    65536
-}
-fn d_pbkdf_iter() -> u32 {
-    4
-}
-fn d_pbkdf_par() -> u32 {
-    1
-}
 
 impl Default for ImageSettings {
     fn default() -> Self {
@@ -310,11 +301,33 @@ impl Default for LuksSettings {
 
 const SPEC_HELP: &str = "see image-specs/default.toml for every key with its default";
 
+/// A spec that does not parse or fit the schema, located at file:line:column; a removed
+/// `[luks]` PBKDF key says why it is gone.
+fn spec_error(path: &str, text: &str, e: &toml::de::Error) -> Error {
+    let removed = REMOVED_LUKS_KEYS
+        .iter()
+        .find(|k| e.message().starts_with(&format!("unknown field `{k}`")));
+    let Some(key) = removed else {
+        return Error::toml(path, text, e, SPEC_HELP);
+    };
+    let mut err = Error::toml(
+        path,
+        text,
+        e,
+        "remove pbkdf, pbkdf_memory_kib, pbkdf_iterations and pbkdf_parallel from [luks]",
+    );
+    if let Error::Toml(t) = &mut err {
+        t.message = format!(
+            "`{key}`: [luks] pbkdf settings are gone: every keyslot holds a generated key and uses PBKDF2 with 1000 iterations (as systemd-cryptenroll does for recovery keys); remove the line"
+        );
+    }
+    err
+}
+
 impl Spec {
     /// Parses spec text; `path` is only used in messages.
     pub fn parse(path: &str, text: &str) -> Result<Spec> {
-        let mut spec: Spec =
-            toml::from_str(text).map_err(|e| Error::toml(path, text, &e, SPEC_HELP))?;
+        let mut spec: Spec = toml::from_str(text).map_err(|e| spec_error(path, text, &e))?;
         spec.sha256 = hex::encode(Sha256::digest(text.as_bytes()));
         spec.source = path.to_string();
         spec.validate(path)?;
@@ -379,16 +392,6 @@ impl Spec {
                     self.luks.cipher, self.luks.key_bits
                 ),
                 "ncimage encrypts with aes-xts-plain64 and a 512-bit key (AES-256 in XTS)",
-            );
-        }
-        if !["argon2id", "argon2i"].contains(&self.luks.pbkdf.as_str())
-            || !(1..=1 << 20).contains(&self.luks.pbkdf_memory_kib)
-            || self.luks.pbkdf_iterations < 4
-            || self.luks.pbkdf_parallel == 0
-        {
-            return bad(
-                "luks pbkdf settings out of range".into(),
-                "use argon2id, pbkdf_memory_kib <= 1048576 (a small guest needs 65536), pbkdf_iterations >= 4, pbkdf_parallel >= 1",
             );
         }
         for (name, a) in &self.archives {
@@ -488,7 +491,7 @@ mod tests {
         let s = Spec::load(None).unwrap();
         assert_eq!(s.suite, "trixie");
         assert_eq!(s.image.root_size, Size(2 << 30));
-        assert_eq!(s.luks.pbkdf_memory_kib, 65536);
+        assert_eq!(s.luks.key_bits, 512);
         assert_eq!(s.image.formats, vec![Format::Qcow2, Format::Raw]);
         assert_eq!(s.sha256.len(), 64);
     }
@@ -552,7 +555,23 @@ mod tests {
             .contains("roles.redis.root_free = 100000 bytes"));
         assert!(err("[image]\nformats = []").contains("formats"));
         assert!(err("[image]\nformats = [\"vdi\"]").contains("vdi"));
-        assert!(err("[luks]\npbkdf_memory_kib = 0").contains("pbkdf"));
+        assert!(err("[luks]\nkey_bits = 256").contains("luks cipher aes-xts-plain64 with 256 bits"));
         assert!(err("[image]\nroot_size = \"2Q\"").contains("suffix"));
+    }
+
+    #[test]
+    fn removed_pbkdf_keys_say_why_and_where() {
+        for key in REMOVED_LUKS_KEYS {
+            let e = err(&format!(
+                "name = \"x\"\n[luks]\ncipher = \"aes-xts-plain64\"\n{key} = 1\n"
+            ));
+            assert!(e.starts_with("spec.toml:4:1: "), "{e}");
+            assert!(e.contains(&format!("`{key}`")), "{e}");
+            assert!(e.contains("PBKDF2 with 1000 iterations"), "{e}");
+            assert!(e.contains("remove the line"), "{e}");
+        }
+        // An unknown key elsewhere keeps serde's message.
+        let e = err("[luks]\npbkdf_memory = 1\n");
+        assert!(e.contains("unknown field `pbkdf_memory`"), "{e}");
     }
 }

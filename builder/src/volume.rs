@@ -2,9 +2,10 @@
 //! before the services that use them) makes each volume the image declares (role.toml
 //! `[[volumes]]`) on its own disk, found by its serial (`ncimage-<name>`):
 //!
-//! - first time: LUKS2 (the image's pinned argon2id) with a random key file kept on the root
-//!   (/etc/ncimage/volume-keys/<name>.key, 0400: the root is encrypted and unlocks under the
-//!   node's policy, so the volume does too) and the node's recovery key as a second keyslot;
+//! - first time: LUKS2 with a random key file kept on the root (/etc/ncimage/volume-keys/
+//!   <name>.key, 0400: the root is encrypted and unlocks under the node's policy, so the volume
+//!   does too) and the node's recovery key as a second keyslot; both keys are generated, so
+//!   both keyslots use PBKDF2 with 1000 iterations (`luks::GENERATED_KEY_PBKDF_ARGS`);
 //!   ext4 inside, with what the image had at the mount point copied over; crypttab and fstab
 //!   lines so that systemd opens and mounts it at every later boot;
 //! - later boots: nothing to make; the unit waits for the volume's mount (crypttab and fstab say

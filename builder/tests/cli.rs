@@ -64,14 +64,25 @@ fn malformed_spec_names_file_line_and_column() {
 #[test]
 fn wrong_type_and_unknown_key_in_spec() {
     let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("t.toml"), "[luks]\nkey_bits = \"lots\"\n").unwrap();
+    fails_with(
+        &ncimage(&["build", "--role", "redis", "--spec", "t.toml"], d.path()),
+        &["t.toml:2:12", "invalid type"],
+    );
+    // A spec from before keyslots used PBKDF2: the removed key is named, with why and what to do.
     std::fs::write(
-        d.path().join("t.toml"),
-        "[luks]\npbkdf_memory_kib = \"lots\"\n",
+        d.path().join("o.toml"),
+        "[luks]\ncipher = \"aes-xts-plain64\"\npbkdf_memory_kib = 65536\n",
     )
     .unwrap();
     fails_with(
-        &ncimage(&["build", "--role", "redis", "--spec", "t.toml"], d.path()),
-        &["t.toml:2:20", "invalid type"],
+        &ncimage(&["build", "--role", "redis", "--spec", "o.toml"], d.path()),
+        &[
+            "o.toml:3:1",
+            "`pbkdf_memory_kib`: [luks] pbkdf settings are gone",
+            "PBKDF2 with 1000 iterations",
+            "remove pbkdf, pbkdf_memory_kib, pbkdf_iterations and pbkdf_parallel from [luks]",
+        ],
     );
     std::fs::write(d.path().join("k.toml"), "[image]\nrootsize = \"2G\"\n").unwrap();
     fails_with(

@@ -1256,7 +1256,7 @@ fn a_second_machine_gets_its_own_key_unlocks_with_tang_and_at_the_console() {
             sh(&vm, "jq '.reencrypt_bytes / 1048576' /var/lib/ncimage/rekey.json"),
             sh(&vm, "lsblk -dno SIZE /dev/mapper/root"),
             sh(&vm, "jq .reencrypt_seconds /var/lib/ncimage/rekey.json"),
-            sh(&vm, "cryptsetup luksDump $(cryptsetup status root | awk '/device:/ { print $2 }') | awk '/PBKDF:/ { p = $2 } /Time cost:/ { t = $3 } /Memory:/ { m = $2 } /Threads:/ { printf \"%s%s %s KiB %s iter %s lane\", sep, p, m, t, $2; sep = \"; \" }'")
+            sh(&vm, "cryptsetup luksDump $(cryptsetup status root | awk '/device:/ { print $2 }') | awk '/^[A-Z]/ { k = ($0 == \"Keyslots:\") } !k { next } /PBKDF:/ { p = $2 } /^\\tHash:/ { h = $2 } /Iterations:/ { printf \"%s%s %s %s iter\", sep, p, h, $2; sep = \"; \" } /Time cost:/ { t = $3 } /Memory:/ { m = $2 } /Threads:/ { printf \"%s%s %s KiB %s iter %s lane\", sep, p, m, t, $2; sep = \"; \" }'")
         ));
         assert!(
             status.contains("unlock: tang + recovery key")
