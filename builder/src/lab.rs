@@ -371,7 +371,10 @@ fn agent_join_line(n: &NodeState) -> (bool, String) {
         },
         Err(_) => (
             false,
-            format!("{}: booting (join not started, or no guest agent yet)", n.name),
+            format!(
+                "{}: booting (join not started, or no guest agent yet)",
+                n.name
+            ),
         ),
     }
 }
@@ -940,8 +943,7 @@ pub fn load_checks(path: &Path) -> Result<Vec<LabCheck>> {
 fn blocked_by<'a>(run: &str, missing: &'a [(String, String)]) -> Option<&'a (String, String)> {
     missing.iter().find(|(k, _)| {
         run.match_indices(&format!("saved.{k}")).any(|(at, m)| {
-            !run[at + m.len()..]
-                .starts_with(|ch: char| ch.is_ascii_alphanumeric() || ch == '_')
+            !run[at + m.len()..].starts_with(|ch: char| ch.is_ascii_alphanumeric() || ch == '_')
         })
     })
 }

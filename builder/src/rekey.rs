@@ -208,6 +208,30 @@ pub fn new_recovery_key() -> Result<String> {
         .join("-"))
 }
 
+/// Whether `key` has the shape [`new_recovery_key`] gives (8 groups of 4 hex digits): the
+/// recovery keyslot has a minimal PBKDF because its key is 128 random bits, so a key a person
+/// chose (shorter, guessable) must never reach it.
+pub fn is_generated_recovery_key(key: &str) -> bool {
+    let groups: Vec<&str> = key.trim().split('-').collect();
+    groups.len() == 8
+        && groups
+            .iter()
+            .all(|g| g.len() == 4 && g.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// Refuses a recovery key that [`new_recovery_key`] did not make (see
+/// [`is_generated_recovery_key`]).
+pub fn check_recovery_key(key: &str) -> Result<()> {
+    if is_generated_recovery_key(key) {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            format!("the seed's `{RECOVERY_SECRET}` is not a generated recovery key (8 groups of 4 hex digits)"),
+            "its keyslot has a minimal PBKDF (the key is 128 random bits): let `ncimage secrets init` make it, then write the seed again",
+        ))
+    }
+}
+
 /// The encryption part of a node's seed (node.json): its unlock policy. The recovery key
 /// travels with the node's secrets (`luks-recovery`).
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -644,6 +668,9 @@ pub fn run(o: &Options) -> Result<Status> {
             format!("the seed has no `{RECOVERY_SECRET}`: the node would have no recovery key"),
         );
     };
+    if let Err(e) = check_recovery_key(&recovery) {
+        return fail(o, st, e.to_string());
+    }
     let policy = node.encryption.policy.clone();
     policy.validate("the seed's encryption policy")?;
     st.state = State::Binding;
@@ -845,6 +872,18 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a.len(), 39);
         assert!(a.chars().all(|c| c == '-' || c.is_ascii_hexdigit()));
+        assert!(is_generated_recovery_key(&a), "{a}");
+        // A person's passphrase never reaches the minimal-PBKDF keyslot.
+        for chosen in [
+            "correct horse battery staple",
+            "0123-4567-89ab-cdef",
+            "0123-4567-89ab-cdef-0123-4567-89ab-cdeg",
+            "",
+        ] {
+            assert!(!is_generated_recovery_key(chosen), "{chosen}");
+            let e = check_recovery_key(chosen).unwrap_err().to_string();
+            assert!(e.contains("not a generated recovery key"), "{e}");
+        }
     }
 
     const DUMP: &str = "LUKS header information

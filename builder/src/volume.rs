@@ -139,6 +139,7 @@ fn make(
                 "regenerate the node's seed",
             )
         })?;
+    crate::rekey::check_recovery_key(recovery)?;
     let dev = std::fs::canonicalize(&disk).map_err(Error::io("resolving", &disk))?;
     let dev = dev.to_string_lossy().to_string();
     let keys = root.join("etc/ncimage/volume-keys");
