@@ -345,7 +345,7 @@ pub fn kernel_panic(serial: &str) -> Option<String> {
 
 /// A node's join line as its serial console shows it: the last `ncimage join` line of the
 /// last boot (the join prints one as each step starts, and its outcome), and whether it says
-/// joined. Reading the log costs the guest nothing; asking its agent runs a process in a guest
+/// joined. Reading the log costs the guest nothing, unlike running `ncimage status` in a guest
 /// that shares the host's CPU with every other one still booting.
 pub fn serial_join_line(name: &str, serial: &str) -> Option<(bool, String)> {
     let last_boot = serial.rfind("Linux version").unwrap_or(0);

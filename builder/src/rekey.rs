@@ -552,6 +552,17 @@ pub fn run(o: &Options) -> Result<Status> {
     // 1. The volume key.
     let dump = tools::run(&mut cs(&["luksDump", &dev]))?;
     let pending = reencrypt_in_progress(&dump);
+    // A run that started re-encrypting (it recorded the extent) but never recorded the end was
+    // interrupted. If the header no longer says so, the initramfs finished the last hot zone
+    // when it opened the root: the re-encryption runs again in full (a fresh volume key once
+    // more), and counts as resumed.
+    let interrupted = !pending
+        && st.state == State::Reencrypting
+        && st.reencrypt_bytes.is_some()
+        && st.reencrypt_seconds.is_none();
+    if interrupted {
+        st.resumed += 1;
+    }
     if st.reencrypt_seconds.is_none() || pending {
         let t = Instant::now();
         let mut c = cs(&["reencrypt", "--batch-mode", "--key-file"]);

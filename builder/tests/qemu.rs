@@ -1106,7 +1106,6 @@ fn first_boot_rekeys_resumes_after_power_loss_and_unlocks_with_tpm2() {
             assert!(t.elapsed() < Duration::from_secs(300), "no seed");
             std::thread::sleep(Duration::from_secs(2));
         }
-        std::thread::sleep(Duration::from_secs(5));
         eprintln!(
             "power cut during re-encryption ({:.0} s)",
             t0.elapsed().as_secs_f64()
