@@ -264,7 +264,7 @@ fn d_root() -> Size {
     Size(2 << 30)
 }
 fn d_root_free() -> Size {
-    Size(256 << 20)
+    Size(128 << 20)
 }
 fn d_boot() -> Size {
     Size(256 << 20)
