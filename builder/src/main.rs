@@ -242,6 +242,10 @@ enum LabCmd {
         /// Seconds between two VM starts (later ones run at a lower priority).
         #[arg(long, default_value_t = 10)]
         stagger: u64,
+        /// At most this many VMs boot at once: the next starts when one has joined (0: no
+        /// limit, every VM `stagger` seconds after the last).
+        #[arg(long, default_value_t = 3)]
+        booting: usize,
     },
     /// Every node's join status.
     Status {
@@ -280,6 +284,8 @@ enum LabCmd {
         images: PathBuf,
         #[arg(long, default_value_t = 10)]
         stagger: u64,
+        #[arg(long, default_value_t = 3)]
+        booting: usize,
     },
 }
 
@@ -559,6 +565,7 @@ fn run(cli: Cli) -> ncimage::Result<()> {
                 timeout,
                 keep,
                 stagger,
+                booting,
             } => {
                 let (spec, dir) = lab.load()?;
                 let project = Project::locate(cli.project.as_deref())?;
@@ -575,6 +582,7 @@ fn run(cli: Cli) -> ncimage::Result<()> {
                         images,
                         timeout: std::time::Duration::from_secs(timeout),
                         stagger: std::time::Duration::from_secs(stagger),
+                        booting,
                         keep_on_failure: keep,
                     },
                     &|m| eprintln!("{m}"),
@@ -650,6 +658,7 @@ fn run(cli: Cli) -> ncimage::Result<()> {
                 lab,
                 images,
                 stagger,
+                booting,
             } => {
                 let (spec, dir) = lab.load()?;
                 let project = Project::locate(cli.project.as_deref())?;
@@ -660,6 +669,7 @@ fn run(cli: Cli) -> ncimage::Result<()> {
                     dir,
                     images,
                     stagger: std::time::Duration::from_secs(stagger),
+                    booting,
                 })
             }
         },
