@@ -228,7 +228,7 @@ pub fn supervise(o: &SuperviseOptions) -> Result<()> {
             // The next VM starts `stagger` after the last one, and once fewer than `booting`
             // are still booting: eleven TCG guests booting at once on two cores each run
             // slower per unit of work (caches, timers firing on guest clocks that run on while
-            // the host does not schedule them) than three at a time, and a guest not started
+            // the host does not schedule them) than a few at a time, and a guest not started
             // yet costs nothing while it would only wait for the ones before it.
             let t = Instant::now();
             let mut checked = Instant::now() - Duration::from_secs(10);
