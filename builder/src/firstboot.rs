@@ -197,7 +197,8 @@ pub fn run(p: &Paths, apply: bool) -> Result<Vec<String>> {
         // rendered at first boot: enable it as its [Install] says and queue its start. Units
         // ordered after it wait for it (ordering is evaluated when their jobs run).
         for unit in rendered_units(&p.root, &changed) {
-            crate::tools::run(Command::new("systemctl").args(["enable", &unit]))?;
+            // --no-reload: the daemon-reload above loaded it (a second reload costs seconds).
+            crate::tools::run(Command::new("systemctl").args(["enable", "--no-reload", &unit]))?;
             crate::tools::run(Command::new("systemctl").args(["start", "--no-block", &unit]))?;
         }
     }
