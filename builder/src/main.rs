@@ -244,7 +244,7 @@ enum LabCmd {
         stagger: u64,
         /// At most this many VMs boot at once: the next starts when one has joined (0: no
         /// limit, every VM `stagger` seconds after the last).
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 3)]
         booting: usize,
     },
     /// Every node's join status.
@@ -284,7 +284,7 @@ enum LabCmd {
         images: PathBuf,
         #[arg(long, default_value_t = 10)]
         stagger: u64,
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 3)]
         booting: usize,
     },
 }

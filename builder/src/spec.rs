@@ -508,7 +508,7 @@ mod tests {
         let s = Spec::parse("x.toml", "[roles.redis]\nroot_size = \"3G\"\n").unwrap();
         assert_eq!(s.root_size("redis"), 3 << 30);
         assert_eq!(s.root_size("db"), 2 << 30);
-        assert_eq!(s.root_free("db"), 256 << 20);
+        assert_eq!(s.root_free("db"), 128 << 20);
     }
 
     #[test]
