@@ -4,8 +4,9 @@
 //! network. Each node boots its role's image with its own seed (secrets generated for the lab).
 //!
 //! `lab up` writes the lab's folder (secrets, seeds, VM work folders), starts a supervisor
-//! process (`ncimage lab supervise`: the switch and every QEMU, which die with it) and waits
-//! until every node reports `joined` through its guest agent. `lab status` asks every node;
+//! process (`ncimage lab supervise`: the switch and every QEMU, which die with it, started in
+//! boot order with at most `booting` of them booting at once) and waits until every node's
+//! serial console says `joined`. `lab status` asks every node;
 //! `lab down` stops the supervisor and removes the folder, as does a failed or interrupted `up`.
 
 use std::collections::HashMap;
@@ -231,11 +232,13 @@ pub fn supervise(o: &SuperviseOptions) -> Result<()> {
             // the host does not schedule them) than a few at a time, and a guest not started
             // yet costs nothing while it would only wait for the ones before it.
             let t = Instant::now();
-            let mut checked = Instant::now() - Duration::from_secs(10);
+            let mut checked: Option<Instant> = None;
             loop {
                 crate::interrupt::check()?;
-                if t.elapsed() >= o.stagger && checked.elapsed() >= Duration::from_secs(2) {
-                    checked = Instant::now();
+                if t.elapsed() >= o.stagger
+                    && checked.is_none_or(|c| c.elapsed() >= Duration::from_secs(2))
+                {
+                    checked = Some(Instant::now());
                     if o.booting == 0 || t.elapsed() >= HOLD_MAX || booting_now(&nodes) < o.booting
                     {
                         break;
