@@ -30,6 +30,16 @@ fn cmd(args: &[&str]) -> Command {
     c
 }
 
+/// `ncimage build --role ROLE --quiet [--spec SPEC] --out OUT`.
+fn build_cmd(role: &str, spec: Option<&Path>, out: &Path) -> Command {
+    let mut args = vec!["build", "--role", role, "--quiet"];
+    if let Some(spec) = spec {
+        args.extend(["--spec", spec.to_str().unwrap()]);
+    }
+    args.extend(["--out", out.to_str().unwrap()]);
+    cmd(&args)
+}
+
 fn ok(out: Output) -> String {
     let text = format!(
         "{}{}",
@@ -59,28 +69,19 @@ fn image_for(role: &str) -> &'static Path {
         role.to_string()
     });
     let t = Instant::now();
-    let mut args = vec![
-        "build",
-        "--role",
-        role,
-        "--quiet",
-        "--out",
-        out.to_str().unwrap(),
-    ];
     // Roles with archives take them from the test fixtures. The app role downloads its release
     // over HTTP from 127.0.0.1, through the same code as a real download (after dropping the
     // cached copy), and checks its signature.
-    let spec;
-    if role == "app" {
-        let f = fixtures();
-        let _ = std::fs::remove_file(cache_dir().join("archives").join(&f.nextcloud_sha256));
-        spec = f.url_spec.clone();
-        args.extend(["--spec", spec.to_str().unwrap()]);
-    } else if role == "collabora" {
-        spec = fixtures().spec.clone();
-        args.extend(["--spec", spec.to_str().unwrap()]);
-    }
-    ok(cmd(&args).output().unwrap());
+    let spec = match role {
+        "app" => {
+            let f = fixtures();
+            let _ = std::fs::remove_file(cache_dir().join("archives").join(&f.nextcloud_sha256));
+            Some(f.url_spec.clone())
+        }
+        "collabora" => Some(fixtures().spec.clone()),
+        _ => None,
+    };
+    ok(build_cmd(role, spec.as_deref(), &out).output().unwrap());
     eprintln!("build {role}: {:.1} s", t.elapsed().as_secs_f64());
     let p: &'static Path = Box::leak(out.into_boxed_path());
     images.push((role.to_string(), p));
@@ -480,18 +481,7 @@ fn spec_variant(name: &str, from: &str, to: &str) -> PathBuf {
 
 fn build_fails(spec: &Path, role: &str, needles: &[&str]) {
     let out = scratch().join(format!("{role}-must-fail"));
-    let o = cmd(&[
-        "build",
-        "--role",
-        role,
-        "--quiet",
-        "--spec",
-        spec.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ])
-    .output()
-    .unwrap();
+    let o = build_cmd(role, Some(spec), &out).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "accepted: {err}");
     for n in needles {
@@ -722,20 +712,7 @@ mod enc {
             let out = scratch().join("a-slow-rekey");
             let spec = scratch().join("slow-rekey.toml");
             std::fs::write(&spec, format!("[roles.{ROLE}]\nroot_free = \"1G\"\n")).unwrap();
-            super::ok(
-                super::cmd(&[
-                    "build",
-                    "--role",
-                    ROLE,
-                    "--quiet",
-                    "--spec",
-                    spec.to_str().unwrap(),
-                    "--out",
-                    out.to_str().unwrap(),
-                ])
-                .output()
-                .unwrap(),
-            );
+            ok(build_cmd(ROLE, Some(&spec), &out).output().unwrap());
             out
         });
         machine_of(name, policy, image)
