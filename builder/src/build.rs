@@ -293,21 +293,19 @@ pub fn build(o: &Options) -> Result<Manifest> {
     let boot_size = o.spec.boot_size(&o.role);
     let root_free = o.spec.root_free(&o.role);
     let (used, root_fs_size) = p.stage("fs", "ext4 root and /boot from the trees", || {
-        // The root at its full size first, to learn how much its content takes; then, when
-        // that plus `root_free` is smaller, again at that size. First boot re-encrypts only
-        // the filesystem's extent and grows it to the partition (rekey.rs).
-        let root_params = |size| fs::Params {
-            label: "root",
-            uuid: &ids.root_fs,
-            size,
-            source_date_epoch: epoch,
-        };
-        fs::make_ext4(&ov.root_tar, &root_img, &root_params(root_size))?;
-        let full: u64 = fs::used_blocks(&root_img)?.iter().map(|r| r.1).sum();
-        let compact = fs::compact_size(full, root_free, root_size);
-        if compact < root_size {
-            fs::make_ext4(&ov.root_tar, &root_img, &root_params(compact))?;
-        }
+        // As small as its content plus `root_free` allows (fs.rs); first boot re-encrypts
+        // only the filesystem's extent and grows it to the partition (rekey.rs).
+        let compact = fs::make_compact_ext4(
+            &ov.root_tar,
+            &root_img,
+            &fs::Params {
+                label: "root",
+                uuid: &ids.root_fs,
+                size: root_size,
+                source_date_epoch: epoch,
+            },
+            root_free,
+        )?;
         fs::make_ext4(
             &ov.boot_tar,
             &boot_img,

@@ -195,6 +195,8 @@ pub struct SuperviseOptions {
     pub stagger: Duration,
     /// At most this many VMs boot at once (started, their join not yet done); 0: no limit.
     pub booting: usize,
+    /// Every VM's firmware (`lab up --firmware`).
+    pub firmware: Firmware,
 }
 
 /// How long the supervisor holds the next VM back for a full set of booting ones: a join line
@@ -261,7 +263,7 @@ pub fn supervise(o: &SuperviseOptions) -> Result<()> {
             name: n.name.clone(),
             disk: image_of(&o.images, &n.role),
             extra_disks: vec![o.dir.join("seeds").join(format!("{}.img", n.name))],
-            firmware: Firmware::Uefi,
+            firmware: o.firmware,
             memory_mib: memory,
             cpus: 1,
             workdir: work,
@@ -347,6 +349,7 @@ pub struct UpOptions {
     pub stagger: Duration,
     /// At most this many VMs boot at once (see `SuperviseOptions::booting`).
     pub booting: usize,
+    pub firmware: Firmware,
     /// Keep the lab when `up` fails (to look inside).
     pub keep_on_failure: bool,
 }
@@ -604,6 +607,11 @@ fn up_inner(
         .arg(o.stagger.as_secs().to_string())
         .arg("--booting")
         .arg(o.booting.to_string())
+        .arg("--firmware")
+        .arg(match o.firmware {
+            Firmware::Bios => "bios",
+            Firmware::Uefi => "uefi",
+        })
         .stdin(std::process::Stdio::null())
         .stdout(logf.try_clone().map_err(Error::io("opening", &log))?)
         .stderr(logf);
