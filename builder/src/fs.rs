@@ -71,7 +71,7 @@ pub fn make_compact_ext4(tar: &Path, out: &Path, p: &Params, free: u64) -> Resul
     let mut size = p.size;
     make_ext4(tar, out, p)?;
     for _ in 0..4 {
-        let used: u64 = used_blocks(out)?.iter().map(|r| r.1).sum();
+        let used = used_count(out)?;
         let want = compact_size(used, free, size);
         if want >= size {
             break;
@@ -79,7 +79,7 @@ pub fn make_compact_ext4(tar: &Path, out: &Path, p: &Params, free: u64) -> Resul
         make_ext4(tar, out, &Params { size: want, ..*p })?;
         size = want;
     }
-    let used: u64 = used_blocks(out)?.iter().map(|r| r.1).sum();
+    let used = used_count(out)?;
     if size < p.size && size - used * BLOCK < free {
         return Err(Error::invalid(
             format!(
@@ -92,6 +92,11 @@ pub fn make_compact_ext4(tar: &Path, out: &Path, p: &Params, free: u64) -> Resul
         ));
     }
     Ok(size)
+}
+
+/// Number of used 4 KiB blocks (the sum of `used_blocks`).
+fn used_count(image: &Path) -> Result<u64> {
+    Ok(used_blocks(image)?.iter().map(|r| r.1).sum())
 }
 
 /// Used block ranges (start, count) in 4 KiB blocks, from the block bitmaps.
@@ -157,6 +162,30 @@ pub fn complement(free: &[(u64, u64)], total: u64) -> Vec<(u64, u64)> {
 mod tests {
     use super::*;
 
+    /// A tar in `dir` of directories (names ending in `/`, mode 0755) and regular files (0644),
+    /// mtime 1; panics without mke2fs, which every test using it needs.
+    fn tar_of(dir: &Path, files: &[(&str, &[u8])]) -> std::path::PathBuf {
+        if tools::which("mke2fs").is_none() {
+            panic!("mke2fs missing: run scripts/setup-host");
+        }
+        let path = dir.join("t.tar");
+        let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
+        for (name, data) in files {
+            let mut h = tar::Header::new_gnu();
+            if name.ends_with('/') {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o755);
+            } else {
+                h.set_mode(0o644);
+            }
+            h.set_size(data.len() as u64);
+            h.set_mtime(1);
+            b.append_data(&mut h, name, *data).unwrap();
+        }
+        b.finish().unwrap();
+        path
+    }
+
     #[test]
     fn compact_size_is_content_plus_free_in_16_mib_steps_up_to_the_maximum() {
         let mib = 1u64 << 20;
@@ -170,21 +199,8 @@ mod tests {
 
     #[test]
     fn a_compact_root_is_its_content_plus_free_within_one_step() {
-        if tools::which("mke2fs").is_none() {
-            panic!("mke2fs missing: run scripts/setup-host");
-        }
         let d = tempfile::tempdir().unwrap();
-        let tar_path = d.path().join("t.tar");
-        {
-            let mut b = tar::Builder::new(std::fs::File::create(&tar_path).unwrap());
-            let mut h = tar::Header::new_gnu();
-            h.set_size(3 << 20);
-            h.set_mode(0o644);
-            h.set_mtime(1);
-            b.append_data(&mut h, "big", &vec![7u8; 3 << 20][..])
-                .unwrap();
-            b.finish().unwrap();
-        }
+        let tar_path = tar_of(d.path(), &[("big", &vec![7u8; 3 << 20])]);
         let mib = 1u64 << 20;
         let p = Params {
             label: "t",
@@ -195,7 +211,7 @@ mod tests {
         let out = d.path().join("root.img");
         let size = make_compact_ext4(&tar_path, &out, &p, 16 * mib).unwrap();
         assert_eq!(std::fs::metadata(&out).unwrap().len(), size);
-        let used = used_blocks(&out).unwrap().iter().map(|r| r.1).sum::<u64>() * BLOCK;
+        let used = used_count(&out).unwrap() * BLOCK;
         assert!(size - used >= 16 * mib, "{size} bytes, {used} used");
         // One pass would keep the 512 MiB filesystem's 16 MiB journal and its inode tables
         // (about 22 MiB with the content, so 48 MiB); measured again, the content and a
@@ -219,26 +235,8 @@ mod tests {
 
     #[test]
     fn same_tar_gives_same_bytes_and_used_blocks_are_found() {
-        if tools::which("mke2fs").is_none() {
-            panic!("mke2fs missing: run scripts/setup-host");
-        }
         let d = tempfile::tempdir().unwrap();
-        let tar_path = d.path().join("t.tar");
-        {
-            let mut b = tar::Builder::new(std::fs::File::create(&tar_path).unwrap());
-            let mut h = tar::Header::new_gnu();
-            h.set_entry_type(tar::EntryType::Directory);
-            h.set_size(0);
-            h.set_mode(0o755);
-            h.set_mtime(1);
-            b.append_data(&mut h, "etc/", std::io::empty()).unwrap();
-            let mut h = tar::Header::new_gnu();
-            h.set_size(5);
-            h.set_mode(0o644);
-            h.set_mtime(1);
-            b.append_data(&mut h, "etc/hello", &b"hello"[..]).unwrap();
-            b.finish().unwrap();
-        }
+        let tar_path = tar_of(d.path(), &[("etc/", b""), ("etc/hello", b"hello")]);
         let p = Params {
             label: "t",
             uuid: "0d1f2e3c-4b5a-4968-8776-a5b4c3d2e1f0",

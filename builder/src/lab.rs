@@ -608,10 +608,11 @@ fn up_inner(
         .arg("--booting")
         .arg(o.booting.to_string())
         .arg("--firmware")
-        .arg(match o.firmware {
-            Firmware::Bios => "bios",
-            Firmware::Uefi => "uefi",
-        })
+        .arg(
+            clap::ValueEnum::to_possible_value(&o.firmware)
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default(),
+        )
         .stdin(std::process::Stdio::null())
         .stdout(logf.try_clone().map_err(Error::io("opening", &log))?)
         .stderr(logf);
