@@ -32,6 +32,7 @@ pub struct Manifest {
     pub enable: Vec<String>,
     #[serde(default)]
     pub disable: Vec<String>,
+    /// Units masked (linked to /dev/null), and generators when the name ends in `-generator`.
     #[serde(default)]
     pub mask: Vec<String>,
     /// Paths a package installs that the image must not have (e.g. a default site).

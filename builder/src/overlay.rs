@@ -371,7 +371,7 @@ pub fn apply(inp: &Inputs, out_dir: &Path) -> Result<Output> {
         }
     }
     for unit in &inp.merged.mask {
-        links.insert(format!("etc/systemd/system/{unit}"), "/dev/null".into());
+        links.insert(mask_link(unit), "/dev/null".into());
     }
     for (link, target) in &links {
         if paths.contains(link) {
@@ -574,6 +574,17 @@ fn add_dir<W: std::io::Write>(
     b.append_data(&mut h, format!("{path}/"), std::io::empty())
 }
 
+/// Where masking `name` links to /dev/null: a generator (`systemd-ssh-generator`) in
+/// /etc/systemd/system-generators, which overrides the one of the same name systemd ships; a
+/// unit in /etc/systemd/system.
+fn mask_link(name: &str) -> String {
+    if name.ends_with("-generator") {
+        format!("etc/systemd/system-generators/{name}")
+    } else {
+        format!("etc/systemd/system/{name}")
+    }
+}
+
 fn add_symlink<W: std::io::Write>(
     b: &mut tar::Builder<W>,
     path: &str,
@@ -734,7 +745,7 @@ mod tests {
         let manifest = Manifest {
             enable: vec!["a@one.service".into()],
             disable: vec!["old.service".into()],
-            mask: vec!["old.service".into()],
+            mask: vec!["old.service".into(), "systemd-ssh-generator".into()],
             after_firstboot: vec!["a@.service".into()],
             files: vec![crate::layer::FileAttr {
                 path: "/etc/r/*".into(),
@@ -823,6 +834,10 @@ mod tests {
             "disabled link kept"
         );
         assert_eq!(root["etc/systemd/system/old.service"].3, "/dev/null");
+        assert_eq!(
+            root["etc/systemd/system-generators/systemd-ssh-generator"].3,
+            "/dev/null"
+        );
         assert!(
             root["etc/systemd/system/a@.service.d/50-ncimage-firstboot.conf"]
                 .3
