@@ -193,11 +193,11 @@ pub fn run(p: &Paths, apply: bool) -> Result<Vec<String>> {
     }
     if apply && changed.iter().any(|p| p.starts_with("/etc/systemd/")) {
         // A daemon-reload re-reads every unit and re-runs every generator: 6-7 s of a TCG
-        // guest's CPU, on the node's way to its join. Only when systemd says it needs one: a
-        // unit file it had not found before (a mount that some unit's RequiresMountsFor=
-        // named at boot) it loads when asked for it, its unit directories having changed
-        // since (what `systemctl show` asks); a drop-in, or a changed or removed unit file,
-        // sets NeedDaemonReload.
+        // guest's CPU, on the node's way to its join. So only when systemd says it needs one.
+        // A unit file systemd did not have (or had as not-found, e.g. named by another unit's
+        // RequiresMountsFor=) it loads when asked for it, since its unit directories changed:
+        // `systemctl show` asks. A drop-in, or a changed or removed unit file, sets
+        // NeedDaemonReload.
         let units = systemd_units(&changed);
         let state = match units.as_slice() {
             [] => None,
@@ -241,10 +241,11 @@ fn systemd_units(changed: &[String]) -> Vec<String> {
                     Some((dir, _)) => dir.strip_suffix(".d"),
                 });
         match unit {
-            Some(u) if u.contains('.') && !units.iter().any(|x| x == u) => {
-                units.push(u.to_string())
+            Some(u) if u.contains('.') => {
+                if !units.iter().any(|x| x == u) {
+                    units.push(u.to_string());
+                }
             }
-            Some(u) if u.contains('.') => {}
             _ => return Vec::new(),
         }
     }
