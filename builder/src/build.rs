@@ -206,6 +206,15 @@ pub fn build(o: &Options) -> Result<Manifest> {
         ("NCIMAGE_LUKS_UUID", ids.luks.clone()),
         ("NCIMAGE_BOOT_UUID", ids.boot_fs.clone()),
         ("NCIMAGE_ROOT_UUID", ids.root_fs.clone()),
+        // First boot's re-encryption in the initramfs (rekey.rs).
+        (
+            "NCIMAGE_REENCRYPT_ARGS",
+            crate::rekey::reencrypt_shell_args(),
+        ),
+        (
+            "NCIMAGE_OWN_KEY_MARK",
+            crate::rekey::OWN_KEY_MARK.to_string(),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))

@@ -2,9 +2,15 @@
 //! turns the image's root, which every copy of the image shares (one volume key, opened by the
 //! build machine's enrollment key in the initramfs), into this machine's own:
 //!
-//! 1. online LUKS2 re-encryption of the active root with a fresh volume key (`cryptsetup
-//!    reencrypt`, resilience `checksum`: a power loss leaves a resumable header; the initramfs
-//!    opens the device in that state and the next boot's run resumes with `--resume-only`);
+//! 1. LUKS2 re-encryption of the root with a fresh volume key (`cryptsetup reencrypt`,
+//!    resilience `checksum`: a power loss leaves a resumable header). The first-boot initramfs
+//!    does it offline, before cryptroot opens the root (`scripts/local-top/ncimage-reencrypt`,
+//!    written by overlays/base/hooks/10-boot.sh with [`REENCRYPT_ARGS`]; it resumes an
+//!    interrupted one the same way), marks the header ([`OWN_KEY_MARK`]) and leaves its figures
+//!    in /run/ncimage-reencrypt.json. Only when that did not happen is the active root
+//!    re-encrypted here, online (after a power loss the next boot's initramfs resumes it
+//!    offline; failing that, it opens the half re-encrypted device and this run resumes with
+//!    `--resume-only`);
 //! 2. the node's recovery key (from its seed) as a keyslot (PBKDF2, 1000 iterations: it is
 //!    generated, 128 random bits; see `luks::GENERATED_KEY_PBKDF_ARGS`);
 //! 3. the automatic unlock methods of the node's policy bound with clevis (tpm2, tang, or an
@@ -39,6 +45,65 @@ pub const ENROLL_INITRD: &str = "boot/ncimage-enroll.img";
 
 /// The mapping the initramfs opens the root as.
 pub const ROOT_MAPPING: &str = "root";
+
+/// The LUKS2 subsystem of a root re-encrypted under this machine's own volume key (the image's
+/// header has none): set once the re-encryption has finished, by the initramfs or here.
+pub const OWN_KEY_MARK: &str = "ncimage-own-volume-key";
+
+/// Figures the first-boot initramfs leaves when it has re-encrypted the root (`seconds`,
+/// `bytes`, `resumed`).
+pub const INITRAMFS_FIGURES: &str = "run/ncimage-reencrypt.json";
+
+/// How the root is re-encrypted, in the initramfs (the base hook bakes these in) and online.
+/// 4 KiB sectors (ext4's block size): an eighth of the IVs and requests of the image's 512-byte
+/// sectors, for the re-encryption and every read after it. A bounded hot zone: after a power
+/// loss the next run recovers (re-hashes and rewrites) at most this much before the root
+/// opens; under TCG the default (as large as the checksum area allows: ~256 MiB with 512-byte
+/// sectors) kept a resumed boot in the initramfs for minutes. Online, each hot zone costs a
+/// round of device-mapper reloads (and udev events), so not too small either: 300 MiB in a TCG
+/// guest took 15.3 s with 16 MiB zones and sha256, 9.9 s with 64 MiB and sha1 (the same as no
+/// resilience at all). The checksums only tell which sectors a crash left half-written; they
+/// guard no secret, so sha1 is enough. The keyslots it re-wraps use
+/// `luks::GENERATED_KEY_PBKDF_ARGS` (they hold generated keys).
+pub const REENCRYPT_ARGS: [&str; 8] = [
+    "--sector-size",
+    "4096",
+    "--resilience",
+    "checksum",
+    "--resilience-hash",
+    "sha1",
+    "--hotzone-size",
+    "64M",
+];
+
+/// [`REENCRYPT_ARGS`] and the keyslots' PBKDF, as one shell word list (the base hook's
+/// NCIMAGE_REENCRYPT_ARGS; none of them needs quoting).
+pub fn reencrypt_shell_args() -> String {
+    REENCRYPT_ARGS
+        .iter()
+        .chain(crate::luks::GENERATED_KEY_PBKDF_ARGS.iter())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// What the initramfs's re-encryption reports (INITRAMFS_FIGURES).
+#[derive(Debug, Deserialize, PartialEq)]
+pub struct InitramfsFigures {
+    pub seconds: f64,
+    /// None when it resumed an interrupted one.
+    pub bytes: Option<u64>,
+    #[serde(default)]
+    pub resumed: u32,
+}
+
+/// The subsystem field of a `cryptsetup luksDump` ("Subsystem:  \t(no subsystem)" when unset).
+pub fn subsystem(dump: &str) -> Option<&str> {
+    dump.lines()
+        .find_map(|l| l.strip_prefix("Subsystem:"))
+        .map(str::trim)
+        .filter(|s| !s.is_empty() && *s != "(no subsystem)")
+}
 
 /// How a node's encrypted volumes unlock without a console. The recovery key is always added.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -275,6 +340,9 @@ pub struct Status {
     /// Times the re-encryption was resumed after an interruption.
     #[serde(default)]
     pub resumed: u32,
+    /// Re-encrypted by the first-boot initramfs, before the root was mounted (not online).
+    #[serde(default)]
+    pub offline: bool,
     #[serde(default)]
     pub seconds: f64,
 }
@@ -286,11 +354,12 @@ impl Status {
             State::WaitingForSeed => "volume key replaced; waiting for the seed".into(),
             State::Binding => "binding the unlock methods".into(),
             State::Done => format!(
-                "own volume key (re-encrypted {}in {:.0} s{}{}), unlock: {}, enrollment key removed",
+                "own volume key (re-encrypted {}in {:.0} s{}{}{}), unlock: {}, enrollment key removed",
                 self.reencrypt_bytes
                     .map(|b| format!("{} MiB ", b >> 20))
                     .unwrap_or_default(),
                 self.reencrypt_seconds.unwrap_or(0.0),
+                if self.offline { " by the initramfs" } else { "" },
                 self.root_bytes
                     .map(|b| format!(", root {} MiB", b >> 20))
                     .unwrap_or_default(),
@@ -533,6 +602,7 @@ pub fn run(o: &Options) -> Result<Status> {
         reencrypt_bytes: None,
         root_bytes: None,
         resumed: 0,
+        offline: false,
         seconds: 0.0,
     });
     if st.state == State::Done {
@@ -552,18 +622,33 @@ pub fn run(o: &Options) -> Result<Status> {
     // 1. The volume key.
     let dump = tools::run(&mut cs(&["luksDump", &dev]))?;
     let pending = reencrypt_in_progress(&dump);
-    // A run that started re-encrypting (it recorded the extent) but never recorded the end was
-    // interrupted. If the header no longer says so, the initramfs finished the last hot zone
-    // when it opened the root: the re-encryption runs again in full (a fresh volume key once
-    // more), and counts as resumed.
+    let own = subsystem(&dump) == Some(OWN_KEY_MARK) && !pending;
+    // An online run that started re-encrypting (it recorded the extent) but never recorded
+    // the end was interrupted. If the header no longer says so, the initramfs finished the
+    // last hot zone when it opened the root: the re-encryption runs again in full (a fresh
+    // volume key once more), and counts as resumed.
     let interrupted = !pending
+        && !own
         && st.state == State::Reencrypting
         && st.reencrypt_bytes.is_some()
         && st.reencrypt_seconds.is_none();
     if interrupted {
         st.resumed += 1;
     }
-    if st.reencrypt_seconds.is_none() || pending {
+    if own && st.reencrypt_seconds.is_none() {
+        // The initramfs re-encrypted it (this boot, or a boot that lost power before this
+        // was recorded: then without figures).
+        let p = o.root.join(INITRAMFS_FIGURES);
+        let f = std::fs::read_to_string(&p)
+            .ok()
+            .and_then(|t| serde_json::from_str::<InitramfsFigures>(&t).ok());
+        st.reencrypt_seconds = Some(f.as_ref().map_or(0.0, |f| f.seconds));
+        st.reencrypt_bytes = f.as_ref().and_then(|f| f.bytes);
+        st.resumed += f.as_ref().map_or(0, |f| f.resumed);
+        st.offline = true;
+        // Recorded with step 1b's result, next.
+    }
+    if !own && (st.reencrypt_seconds.is_none() || pending) {
         let t = Instant::now();
         let mut c = cs(&["reencrypt", "--batch-mode", "--key-file"]);
         c.arg(&enroll);
@@ -594,24 +679,14 @@ pub fn run(o: &Options) -> Result<Status> {
                 }
                 c.args(["--device-size", &fs.to_string()]);
             }
-            // 4 KiB sectors (ext4's block size): an eighth of the IVs and requests of the
-            // image's 512-byte sectors, for the re-encryption and every read after it.
-            c.args(["--sector-size", "4096"]);
-            // A bounded hot zone: after a power loss the initramfs recovers (re-hashes and
-            // rewrites) at most this much before the root opens; under TCG the default (as
-            // large as the checksum area allows: ~256 MiB with 512-byte sectors) kept a
-            // resumed boot in the initramfs for minutes. Each hot zone costs a round of
-            // device-mapper reloads (and udev events), so not too small either: 300 MiB in a
-            // TCG guest took 15.3 s with 16 MiB zones and sha256, 9.9 s with 64 MiB and sha1
-            // (the same as no resilience at all). The checksums only tell which sectors a
-            // crash left half-written; they guard no secret, so sha1 is enough.
-            c.args(["--resilience", "checksum", "--resilience-hash", "sha1"])
-                .args(["--hotzone-size", "64M"])
-                .args(&o.pbkdf);
+            c.args(REENCRYPT_ARGS).args(&o.pbkdf);
         }
         c.arg(&dev);
         if let Err(e) = tools::run(&mut c) {
             return fail(o, st, format!("cryptsetup reencrypt: {e}"));
+        }
+        if let Err(e) = tools::run(&mut cs(&["config", "--subsystem", OWN_KEY_MARK, &dev])) {
+            return fail(o, st, format!("marking the header re-encrypted: {e}"));
         }
         st.reencrypt_seconds =
             Some(st.reencrypt_seconds.unwrap_or(0.0) + t.elapsed().as_secs_f64());
@@ -944,6 +1019,50 @@ Digests:
     }
 
     #[test]
+    fn the_own_key_mark_is_read_from_the_header() {
+        // The image's header has no subsystem; the initramfs or the online run sets the mark.
+        assert_eq!(subsystem(DUMP), None);
+        let marked = DUMP.replace(
+            "Subsystem:     \t(no subsystem)",
+            &format!("Subsystem:     \t{OWN_KEY_MARK}"),
+        );
+        assert_ne!(marked, DUMP);
+        assert_eq!(subsystem(&marked), Some(OWN_KEY_MARK));
+        assert_eq!(subsystem("Label: root\n"), None);
+    }
+
+    #[test]
+    fn the_initramfs_gets_the_same_reencryption_parameters() {
+        let a = reencrypt_shell_args();
+        assert!(
+            a.starts_with("--sector-size 4096 --resilience checksum"),
+            "{a}"
+        );
+        assert!(
+            a.ends_with("--pbkdf pbkdf2 --hash sha512 --pbkdf-force-iterations 1000"),
+            "{a}"
+        );
+        // One shell word each: nothing to quote in the hook's script.
+        assert!(a.split(' ').all(|w| !w.is_empty()
+            && w.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))));
+        let f: InitramfsFigures =
+            serde_json::from_str(r#"{"seconds": 47.5, "bytes": 587202560, "resumed": 0}"#).unwrap();
+        assert_eq!(
+            f,
+            InitramfsFigures {
+                seconds: 47.5,
+                bytes: Some(560 << 20),
+                resumed: 0
+            }
+        );
+        // A resumed one does not know its extent.
+        let f: InitramfsFigures =
+            serde_json::from_str(r#"{"seconds": 12.0, "bytes": null, "resumed": 1}"#).unwrap();
+        assert_eq!((f.bytes, f.resumed), (None, 1));
+    }
+
+    #[test]
     fn crypttab_loses_its_key_file_only() {
         let t = "# <name> <device> <key> <opts>\nroot     UUID=abc /etc/ncimage/keys/enroll.key luks,discard,initramfs\ndata UUID=d /k luks\n";
         assert_eq!(
@@ -971,6 +1090,7 @@ Digests:
             reencrypt_bytes: None,
             root_bytes: None,
             resumed: 1,
+            offline: false,
             seconds: 60.0,
         };
         assert_eq!(s.line(), "ncimage: encryption: own volume key (re-encrypted in 41 s, resumed 1x), unlock: tpm2 + recovery key, enrollment key removed");
@@ -978,6 +1098,8 @@ Digests:
         s.root_bytes = Some(2048 << 20);
         s.resumed = 0;
         assert_eq!(s.line(), "ncimage: encryption: own volume key (re-encrypted 960 MiB in 41 s, root 2048 MiB), unlock: tpm2 + recovery key, enrollment key removed");
+        s.offline = true;
+        assert_eq!(s.line(), "ncimage: encryption: own volume key (re-encrypted 960 MiB in 41 s by the initramfs, root 2048 MiB), unlock: tpm2 + recovery key, enrollment key removed");
         s.state = State::Failed;
         s.message = "clevis luks bind tang failed".into();
         assert!(s.line().contains("FAILED: clevis luks bind tang failed"));

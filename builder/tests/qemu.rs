@@ -704,8 +704,9 @@ mod enc {
     }
 
     /// A machine whose image carries 1 GiB of free space in its root: its first-boot
-    /// re-encryption (about a minute) is still running when the guest agent answers, so a test
-    /// can cut the power in the middle of it. The default image's takes about 20 s.
+    /// re-encryption in the initramfs (about 1.5 GiB, a minute or more under TCG) lasts long
+    /// enough for a test to cut the power in the middle of it. The default image's takes
+    /// about 20-50 s.
     pub fn slow_rekey_machine(name: &str, policy: UnlockPolicy) -> Machine {
         static IMAGE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
         let image = IMAGE.get_or_init(|| {
@@ -1058,8 +1059,8 @@ mod enc {
     }
 }
 
-/// Issue 5, in one machine's life: first boot re-encrypts the root with a fresh volume key
-/// while a power cut interrupts it, the next boot resumes and finishes, binds the vTPM, removes
+/// Issue 5, in one machine's life: first boot's initramfs re-encrypts the root with a fresh
+/// volume key while a power cut interrupts it, the next boot's initramfs resumes and finishes, binds the vTPM, removes
 /// the enrollment key; the vTPM alone unlocks the next boot; on the host the enrollment key no
 /// longer opens the header, the recovery key does, a wrong key does not, and a canary written
 /// in the guest is nowhere in the raw disk.
@@ -1081,40 +1082,24 @@ fn first_boot_rekeys_resumes_after_power_loss_and_unlocks_with_tpm2() {
         "the built image should open with the enrollment key"
     );
 
-    // Boot 1: cut the power while the root is being re-encrypted.
+    // Boot 1: cut the power while the first-boot initramfs re-encrypts the root (offline,
+    // before cryptroot opens it).
     {
         let vm = m.boot(true, None);
-        vm.wait_agent(Duration::from_secs(600)).unwrap();
-        let t = Instant::now();
-        loop {
-            let out = vm
-                .sh(
-                    "cryptsetup luksDump $(cryptsetup status root | awk '/device:/ { print $2 }') | grep -c online-reencrypt",
-                    Duration::from_secs(60),
-                )
-                .unwrap();
-            if out.stdout.trim() != "0" && !out.stdout.trim().is_empty() {
-                break;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(300),
-                "re-encryption never started\n{}",
-                vm.serial_tail(30)
-            );
-            std::thread::sleep(Duration::from_secs(2));
-        }
-        // cloud-init has written the seed (node.json) and it is on the disk: a power loss
-        // before that empties the file (ext4 delayed allocation), which is not this test's
-        // subject.
-        let t = Instant::now();
-        while sh(
+        wait_count(
             &vm,
-            "test -s /etc/ncimage/node.json && sync && echo ok || echo no",
-        ) != "ok"
-        {
-            assert!(t.elapsed() < Duration::from_secs(300), "no seed");
-            std::thread::sleep(Duration::from_secs(2));
-        }
+            "ncimage-reencrypt: re-encrypting the root",
+            1,
+            Duration::from_secs(600),
+        );
+        // Some hot zones in (64 MiB each; the slow image's root is about 1.5 GiB).
+        std::thread::sleep(Duration::from_secs(15));
+        assert_eq!(
+            count_in_serial(&vm, "ncimage-reencrypt: done"),
+            0,
+            "the re-encryption finished before the power cut: make the test's image slower\n{}",
+            vm.serial_tail(20)
+        );
         eprintln!(
             "power cut during re-encryption ({:.0} s)",
             t0.elapsed().as_secs_f64()
@@ -1130,7 +1115,7 @@ fn first_boot_rekeys_resumes_after_power_loss_and_unlocks_with_tpm2() {
         .unwrap());
     assert!(ncimage::rekey::reencrypt_in_progress(&dump), "{dump}");
 
-    // Boot 2: the initramfs opens the half re-encrypted root; rekey resumes and finishes.
+    // Boot 2: the initramfs resumes the re-encryption and opens the root; rekey finishes.
     let canary = format!(
         "NCIMAGE-CANARY-{:x}",
         t0.elapsed().as_nanos() ^ u128::from(std::process::id())
@@ -1140,6 +1125,15 @@ fn first_boot_rekeys_resumes_after_power_loss_and_unlocks_with_tpm2() {
         let secs = ready(&vm, Duration::from_secs(1200));
         let status = rekeyed(&vm, Duration::from_secs(1200));
         eprintln!("resumed boot ready after {secs:.0} s: {status}");
+        assert_eq!(
+            count_in_serial(
+                &vm,
+                "ncimage-reencrypt: resuming the interrupted re-encryption"
+            ),
+            1,
+            "the initramfs did not resume the re-encryption\n{}",
+            vm.serial_tail(40)
+        );
         unlock_figure(&vm, "enrollment key, re-encryption interrupted");
         figure(&format!(
             "encryption: resumed re-encryption took {} s",
@@ -1258,6 +1252,13 @@ fn a_second_machine_gets_its_own_key_unlocks_with_tang_and_at_the_console() {
         let secs = ready(&vm, Duration::from_secs(1200));
         let status = rekeyed(&vm, Duration::from_secs(1200));
         eprintln!("first boot ready after {secs:.0} s: {status}");
+        // The initramfs re-encrypted it, offline, before the root was mounted.
+        assert_eq!(
+            count_in_serial(&vm, "ncimage-reencrypt: done in"),
+            1,
+            "the first-boot initramfs did not re-encrypt the root\n{}",
+            vm.serial_tail(40)
+        );
         unlock_figure(&vm, "enrollment key, first boot");
         figure(&format!(
             "encryption: first-boot re-encryption of {} MiB (the image's filesystem; the root grew to {}) took {} s ({})",

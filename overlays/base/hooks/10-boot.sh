@@ -1,10 +1,12 @@
 #!/bin/sh
 # ncimage base hook, run on the build host while the root tree is bootstrapped (mmdebstrap
 # --customize-hook). $1 is the tree. Its output is cached: keep it a function of its inputs.
-# Inputs (environment): NCIMAGE_LUKS_UUID, NCIMAGE_BOOT_UUID, NCIMAGE_ENROLL_KEY (host path).
+# Inputs (environment): NCIMAGE_LUKS_UUID, NCIMAGE_BOOT_UUID, NCIMAGE_ENROLL_KEY (host path),
+# NCIMAGE_REENCRYPT_ARGS and NCIMAGE_OWN_KEY_MARK (first boot's re-encryption, from rekey.rs).
 set -eu
 root="$1"
 : "${NCIMAGE_LUKS_UUID:?} ${NCIMAGE_BOOT_UUID:?} ${NCIMAGE_ENROLL_KEY:?}"
+: "${NCIMAGE_REENCRYPT_ARGS:?} ${NCIMAGE_OWN_KEY_MARK:?}"
 
 # The root is ext4 in LUKS2 (opened as /dev/mapper/root); /boot is its own ext4 partition
 # that GRUB reads on both firmwares.
@@ -70,8 +72,74 @@ mkdir -p "$enroll/c/cryptroot/keyfiles"
 awk '$1 == "root" { $3 = "/cryptroot/keyfiles/root.key" } { print }' "$ct" > "$enroll/c/cryptroot/crypttab"
 install -m 0400 "$NCIMAGE_ENROLL_KEY" "$enroll/c/cryptroot/keyfiles/root.key"
 chmod 0700 "$enroll/c/cryptroot/keyfiles"
+# It also re-encrypts the root under a fresh volume key before cryptroot opens it: offline,
+# with no mapping active (no device-mapper reloads, udev events or stalled I/O in the booted
+# system, as an online re-encryption makes for every hot zone), and resumed the same way after
+# a power loss. The header's subsystem then says so, and ncimage rekey (first boot, in the
+# booted system) takes the figures from /run and does the rest; if this fails, the root opens
+# with the image's key as before and ncimage rekey re-encrypts it online.
+main="$enroll/x/main"
+[ -d "$main/scripts" ] || main="$enroll/x"
+order="$main/scripts/local-top/ORDER"
+grep -q '^/scripts/local-top/cryptroot ' "$order" || { echo "ncimage hook: cryptroot is not in $order" >&2; exit 1; }
+mkdir -p "$enroll/c/scripts/local-top"
+# The same ORDER without clevis: the enrollment key opens the root at first boot, and clevis's
+# local-top loop (ps, awk and cut ten times a second until cryptroot asks for a passphrase)
+# would take half the CPU of a TCG guest from the re-encryption.
+grep -q '^/scripts/local-top/clevis ' "$order" || { echo "ncimage hook: clevis is not in $order" >&2; exit 1; }
+awk '/^\/scripts\/local-top\/clevis / { skip = 2 } skip > 0 { skip--; next }
+     /^\/scripts\/local-top\/cryptroot / { print "/scripts/local-top/ncimage-reencrypt \"$@\""; print "[ -e /conf/param.conf ] && . /conf/param.conf" } { print }' "$order" > "$enroll/c/scripts/local-top/ORDER"
+grep -q '^/scripts/local-top/clevis ' "$enroll/c/scripts/local-top/ORDER" && { echo "ncimage hook: clevis is still in the first-boot ORDER" >&2; exit 1; }
+cat > "$enroll/c/scripts/local-top/ncimage-reencrypt" <<SCRIPT
+#!/bin/sh
+# ncimage, first boot only (in /boot/ncimage-enroll.img, which ncimage rekey deletes): the root
+# re-encrypted offline under a fresh volume key before cryptroot opens it with the enrollment
+# key (written by overlays/base/hooks/10-boot.sh; parameters from rekey.rs).
+case "\$1" in prereqs) exit 0 ;; esac
+key=/cryptroot/keyfiles/root.key
+mark='$NCIMAGE_OWN_KEY_MARK'
+[ -r "\$key" ] || exit 0
+uuid=\$(awk '\$1 == "root" { sub(/^UUID=/, "", \$2); print \$2 }' /cryptroot/crypttab)
+dev=/dev/disk/by-uuid/\$uuid
+i=0
+while [ ! -b "\$dev" ] && [ \$i -lt 180 ]; do sleep 1; i=\$((i + 1)); done
+say() { echo "ncimage-reencrypt: \$*"; }
+[ -b "\$dev" ] || { say "no device with UUID \$uuid after 180 s: the booted system re-encrypts"; exit 0; }
+dump=\$(cryptsetup luksDump "\$dev") || exit 0
+[ "\$(echo "\$dump" | sed -n 's/^Subsystem:[[:space:]]*//p')" = "\$mark" ] && exit 0
+read t0 _ < /proc/uptime
+resumed=0
+if echo "\$dump" | grep -q 'online-reencrypt'; then
+  say "resuming the interrupted re-encryption of the root"
+  resumed=1
+  cryptsetup reencrypt --batch-mode --force-offline-reencrypt --key-file "\$key" --resume-only "\$dev" || { say "resuming failed: the booted system resumes online"; exit 0; }
+  bytes=null
+else
+  # The image's filesystem only: its size from the ext4 superblock, through a read-only mapping.
+  cryptsetup open --readonly --key-file "\$key" "\$dev" ncimage-probe || exit 0
+  set -- \$(dd if=/dev/mapper/ncimage-probe bs=1024 skip=1 count=1 2>/dev/null | od -An -tu4 -v)
+  # udev probes the new mapping; closed before that has finished, it would stay open, and an
+  # active mapping would make cryptsetup re-encrypt online through it.
+  udevadm settle --timeout=30 2>/dev/null
+  cryptsetup close ncimage-probe
+  [ -e /dev/mapper/ncimage-probe ] && { say "the probe mapping stayed open: the booted system re-encrypts"; exit 0; }
+  if [ \$# -ne 256 ] || [ \$((\${15} & 65535)) -ne 61267 ]; then say "no ext4 superblock on the root: the booted system re-encrypts"; exit 0; fi
+  # cryptsetup moves an inactive device to 4 KiB sectors only when told the data allows it
+  # (--force-offline-reencrypt): ext4 with 4 KiB blocks does, and no mapping is active.
+  [ "\$7" = 2 ] || { say "the root's ext4 blocks are not 4 KiB: the booted system re-encrypts"; exit 0; }
+  bytes=\$(( (\${85} * 4294967296 + \$2) * (1024 << \$7) ))
+  say "re-encrypting the root (\$((bytes >> 20)) MiB) under a fresh volume key"
+  cryptsetup reencrypt --batch-mode --force-offline-reencrypt --key-file "\$key" --device-size "\$bytes" $NCIMAGE_REENCRYPT_ARGS "\$dev" || { say "re-encryption failed: the booted system resumes or re-encrypts online"; exit 0; }
+fi
+cryptsetup config --subsystem "\$mark" "\$dev" || exit 0
+read t1 _ < /proc/uptime
+secs=\$(awk -v a="\$t0" -v b="\$t1" 'BEGIN { printf "%.1f", b - a }')
+echo "{\"seconds\": \$secs, \"bytes\": \$bytes, \"resumed\": \$resumed}" > /run/ncimage-reencrypt.json
+say "done in \$secs s"
+SCRIPT
+chmod 0755 "$enroll/c/scripts/local-top/ncimage-reencrypt"
 find "$enroll/c" -exec touch -h -d "@${SOURCE_DATE_EPOCH:-0}" {} +
-(cd "$enroll/c" && find cryptroot | LC_ALL=C sort | chroot "$root" sh -c "cd /tmp/${enroll##*/}/c && cpio --quiet -o -H newc -R 0:0 --reproducible") > "$root/boot/ncimage-enroll.img"
+(cd "$enroll/c" && find cryptroot scripts | LC_ALL=C sort | chroot "$root" sh -c "cd /tmp/${enroll##*/}/c && cpio --quiet -o -H newc -R 0:0 --reproducible") > "$root/boot/ncimage-enroll.img"
 chmod 0600 "$root/boot/ncimage-enroll.img"
 chroot "$root" sh -c 'cpio --quiet -it < /boot/ncimage-enroll.img' | grep -q 'cryptroot/keyfiles/root.key' \
   || { echo "ncimage hook: the enrollment initramfs lacks the key" >&2; exit 1; }
