@@ -1060,10 +1060,10 @@ mod enc {
 }
 
 /// Issue 5, in one machine's life: first boot's initramfs re-encrypts the root with a fresh
-/// volume key while a power cut interrupts it, the next boot's initramfs resumes and finishes, binds the vTPM, removes
-/// the enrollment key; the vTPM alone unlocks the next boot; on the host the enrollment key no
-/// longer opens the header, the recovery key does, a wrong key does not, and a canary written
-/// in the guest is nowhere in the raw disk.
+/// volume key while a power cut interrupts it, the next boot's initramfs resumes and finishes,
+/// first boot binds the vTPM and removes the enrollment key; the vTPM alone unlocks the next
+/// boot; on the host the enrollment key no longer opens the header, the recovery key does, a
+/// wrong key does not, and a canary written in the guest is nowhere in the raw disk.
 #[test]
 #[ignore = "boots QEMU: scripts/test"]
 fn first_boot_rekeys_resumes_after_power_loss_and_unlocks_with_tpm2() {
