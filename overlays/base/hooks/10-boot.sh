@@ -83,6 +83,11 @@ main="$enroll/x/main"
 order="$main/scripts/local-top/ORDER"
 grep -q '^/scripts/local-top/cryptroot ' "$order" || { echo "ncimage hook: cryptroot is not in $order" >&2; exit 1; }
 mkdir -p "$enroll/c/scripts/local-top"
+# The script reads the ext4 superblock with busybox's dd and od (initramfs-tools copies
+# busybox in; klibc's tools have no od).
+for t in dd od; do
+  [ -x "$main/bin/$t" ] || [ -x "$main/usr/bin/$t" ] || { echo "ncimage hook: the initramfs has no $t (install busybox): first boot could not re-encrypt the root offline" >&2; exit 1; }
+done
 # The same ORDER without clevis: the enrollment key opens the root at first boot, and clevis's
 # local-top loop (ps, awk and cut ten times a second until cryptroot asks for a passphrase)
 # would take half the CPU of a TCG guest from the re-encryption.
