@@ -15,6 +15,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -486,19 +487,78 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 pub struct Vm {
     name: String,
-    pid: u32,
+    pid: AtomicU32,
     child: Mutex<Child>,
     /// swtpm, when the VM has a TPM (exits with QEMU; killed on drop otherwise).
-    tpm: Option<Mutex<Child>>,
+    tpm: Mutex<Option<Child>>,
+    /// The TPM's state folder (`VmConfig::tpm`), for a restart.
+    tpm_state: Option<PathBuf>,
+    /// QEMU and its arguments, for a restart.
+    program: PathBuf,
+    args: Vec<String>,
+    /// How often QEMU was started again after an [`EMULATOR_FAULTS`] abort.
+    restarts: AtomicU32,
     paths: VmPaths,
     agent: Agent,
+}
+
+/// Assertions by which QEMU itself aborts, with no fault of the guest or of ncimage:
+/// - `iotlb_to_section`: a race in QEMU's multi-threaded TCG between one vCPU changing the
+///   memory map (the guest kernel assigning PCI BARs) and another vCPU using a TLB entry for the
+///   old map (reported upstream as QEMU issue 1921, with several vCPUs; seen here once in CI,
+///   1.9 s into a 2-vCPU guest's kernel). Lab guests have one vCPU.
+///
+/// When QEMU dies of one of these, [`Vm`] starts it again on the same disks: to the guest a
+/// power cut and a cold boot, which first boot and the re-encryption survive by design.
+pub const EMULATOR_FAULTS: &[&str] = &["iotlb_to_section: Assertion"];
+
+/// At most this many restarts per VM: a fault that comes back every boot is a real failure.
+pub const MAX_RESTARTS: u32 = 2;
+
+/// Whether QEMU, exiting with `status` after writing `log` (its stderr), aborted on one of the
+/// [`EMULATOR_FAULTS`].
+pub fn emulator_fault(status: ExitStatus, log: &str) -> Option<&'static str> {
+    use std::os::unix::process::ExitStatusExt;
+    if status.signal() != Some(libc::SIGABRT) {
+        return None;
+    }
+    EMULATOR_FAULTS.iter().copied().find(|f| log.contains(f))
+}
+
+/// Starts QEMU (`program`) with `args`, its stdout and stderr to `log` (truncated).
+fn spawn_qemu(qemu: &Path, args: &[String], log_path: &Path) -> Result<Child> {
+    let log = fs::File::create(log_path).map_err(Error::io("creating", log_path))?;
+    let log2 = log.try_clone().map_err(Error::io("opening", log_path))?;
+    let mut cmd = Command::new(qemu);
+    cmd.args(args).stdin(Stdio::null()).stdout(log).stderr(log2);
+    die_with_parent(&mut cmd);
+    tracing::debug!(command = %crate::tools::show(&cmd), "starting QEMU");
+    cmd.spawn().map_err(Error::io("starting", qemu))
+}
+
+/// Removes the sockets QEMU and swtpm create, so that their reappearance means they listen.
+fn remove_sockets(paths: &VmPaths) -> Result<()> {
+    for sock in [
+        &paths.qga_socket,
+        &paths.qmp_socket,
+        &paths.serial_socket,
+        &paths.tpm_socket,
+    ] {
+        match fs::remove_file(sock) {
+            Err(e) if e.kind() != ErrorKind::NotFound => {
+                return Err(Error::io("removing", sock)(e))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 impl Vm {
     /// Makes the overlay (and the OVMF vars copy), starts QEMU and waits until its sockets
     /// exist. Does not wait for the guest: see [`Vm::wait_agent`].
     pub fn start(cfg: VmConfig) -> Result<Vm> {
-        let qemu = crate::tools::require("qemu-system-x86_64")?;
+        let program = crate::tools::require("qemu-system-x86_64")?;
         crate::tools::require("qemu-img")?;
         fs::create_dir_all(&cfg.workdir).map_err(Error::io("creating", &cfg.workdir))?;
         let workdir =
@@ -519,13 +579,8 @@ impl Vm {
                     "use a shorter work directory (for example under /tmp)",
                 ));
             }
-            match fs::remove_file(sock) {
-                Err(e) if e.kind() != ErrorKind::NotFound => {
-                    return Err(Error::io("removing", sock)(e))
-                }
-                _ => {}
-            }
         }
+        remove_sockets(&paths)?;
         let base = fs::canonicalize(&cfg.disk).map_err(Error::io("resolving", &cfg.disk))?;
         let format = image_format(&base)?;
         let _ = fs::remove_file(&paths.overlay);
@@ -557,54 +612,120 @@ impl Vm {
 
         let acc = accel();
         let args = qemu_args(&cfg, &paths, acc);
-        let log =
-            fs::File::create(&paths.qemu_log).map_err(Error::io("creating", &paths.qemu_log))?;
-        let log2 = log
-            .try_clone()
-            .map_err(Error::io("opening", &paths.qemu_log))?;
-        let mut cmd = Command::new(&qemu);
-        cmd.args(&args)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2);
-        die_with_parent(&mut cmd);
-        tracing::debug!(vm = %cfg.name, accel = ?acc, command = %crate::tools::show(&cmd), "starting QEMU");
-        let child = cmd.spawn().map_err(Error::io("starting", &qemu))?;
+        tracing::debug!(vm = %cfg.name, accel = ?acc, "starting QEMU");
+        let child = spawn_qemu(&program, &args, &paths.qemu_log)?;
         let vm = Vm {
             name: cfg.name.clone(),
-            pid: child.id(),
+            pid: AtomicU32::new(child.id()),
             child: Mutex::new(child),
-            tpm: tpm.map(Mutex::new),
+            tpm: Mutex::new(tpm),
+            tpm_state: cfg.tpm.clone(),
+            program,
+            args,
+            restarts: AtomicU32::new(0),
             agent: Agent::new(&cfg.name, &paths.qga_socket),
             paths,
         };
-        // QEMU creates its listening sockets before the guest runs (within a second on an idle
-        // host; give a loaded one time).
+        vm.wait_sockets()?;
+        Ok(vm)
+    }
+
+    /// Until QEMU has created its listening sockets (within a second on an idle host; a loaded
+    /// one gets a minute). A QEMU that dies of an emulator fault meanwhile is started again.
+    fn wait_sockets(&self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Some(status) = vm.exit_status() {
-                return Err(vm.died(status, "at start"));
+            if let Some(status) = self.exit_status() {
+                // The restart waits for the new QEMU's sockets itself.
+                return match self.restart_after_emulator_fault(status)? {
+                    true => Ok(()),
+                    false => Err(self.died(status, "at start")),
+                };
             }
-            if vm.paths.qga_socket.exists() && vm.paths.qmp_socket.exists() {
-                return Ok(vm);
+            if self.paths.qga_socket.exists() && self.paths.qmp_socket.exists() {
+                return Ok(());
             }
             if Instant::now() >= deadline {
                 return Err(Error::Vm(format!(
                     "QEMU for {} did not create its sockets within 60 s\n{}",
-                    vm.name,
-                    vm.diagnostics()
+                    self.name,
+                    self.diagnostics()
                 )));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
+    /// When QEMU exited with `status` on one of the [`EMULATOR_FAULTS`], and fewer than
+    /// [`MAX_RESTARTS`] times so far, starts it again with the same arguments on the same
+    /// overlay, data disks and TPM state (the guest sees a power cut) and answers true. QEMU's
+    /// log of the fault is kept as `qemu.log.<n>`; the serial log says what happened.
+    /// Call it from the thread that started the VM (QEMU dies with the thread that starts it).
+    pub fn restart_after_emulator_fault(&self, status: ExitStatus) -> Result<bool> {
+        let log = fs::read_to_string(&self.paths.qemu_log).unwrap_or_default();
+        let Some(fault) = emulator_fault(status, &log) else {
+            return Ok(false);
+        };
+        let n = self.restarts.load(Ordering::SeqCst);
+        if n >= MAX_RESTARTS {
+            return Ok(false);
+        }
+        self.restarts.store(n + 1, Ordering::SeqCst);
+        let kept = self.paths.qemu_log.with_extension(format!("log.{}", n + 1));
+        fs::rename(&self.paths.qemu_log, &kept).map_err(Error::io("renaming", &kept))?;
+        tracing::warn!(vm = %self.name, fault, log = %kept.display(), "QEMU aborted on a known emulator defect; starting it again on the same disks");
+        let note = format!(
+            "\n[ncimage: QEMU aborted ({status}) on a known emulator defect (`{fault}`, see {}); \
+             restart {} of at most {MAX_RESTARTS} on the same disks]\n",
+            kept.display(),
+            n + 1
+        );
+        fs::OpenOptions::new()
+            .append(true)
+            .open(&self.paths.serial_log)
+            .and_then(|mut f| f.write_all(note.as_bytes()))
+            .map_err(Error::io("writing", &self.paths.serial_log))?;
+        {
+            let mut tpm = lock(&self.tpm);
+            if let Some(mut old) = tpm.take() {
+                let _ = old.kill();
+                let _ = old.wait();
+            }
+            remove_sockets(&self.paths)?;
+            if let Some(state) = &self.tpm_state {
+                *tpm = Some(start_swtpm(state, &self.paths.tpm_socket)?);
+            }
+        }
+        self.agent.disconnect();
+        let child = spawn_qemu(&self.program, &self.args, &self.paths.qemu_log)?;
+        self.pid.store(child.id(), Ordering::SeqCst);
+        *lock(&self.child) = child;
+        self.wait_sockets()?;
+        Ok(true)
+    }
+
+    /// Ok while QEMU runs (or runs again after an emulator fault), else why it is gone.
+    fn check_running(&self, when: &str) -> Result<()> {
+        match self.exit_status() {
+            Some(status) if !self.restart_after_emulator_fault(status)? => {
+                Err(self.died(status, when))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// How often QEMU was started again after an emulator fault.
+    pub fn restarts(&self) -> u32 {
+        self.restarts.load(Ordering::SeqCst)
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
 
+    /// QEMU's process id (a new one after a restart).
     pub fn pid(&self) -> u32 {
-        self.pid
+        self.pid.load(Ordering::SeqCst)
     }
 
     pub fn paths(&self) -> &VmPaths {
@@ -639,9 +760,7 @@ impl Vm {
             if String::from_utf8_lossy(&log).contains(needle) {
                 return Ok(());
             }
-            if let Some(status) = self.exit_status() {
-                return Err(self.died(status, &format!("while waiting for `{needle}`")));
-            }
+            self.check_running(&format!("while waiting for `{needle}`"))?;
             crate::interrupt::check()?;
             if Instant::now() >= deadline {
                 return Err(Error::Vm(format!(
@@ -657,7 +776,7 @@ impl Vm {
     /// Kills QEMU at once (SIGKILL): a power loss. The disk keeps what the guest wrote.
     pub fn power_cut(self) {
         unsafe {
-            libc::kill(self.pid as libc::pid_t, libc::SIGKILL);
+            libc::kill(self.pid() as libc::pid_t, libc::SIGKILL);
         }
         let _ = lock(&self.child).wait();
     }
@@ -675,9 +794,9 @@ impl Vm {
     /// Until the guest agent answers guest-sync-delimited and guest-ping. Fails early, with
     /// QEMU's stderr and the serial log's last lines, if QEMU exits.
     pub fn wait_agent(&self, timeout: Duration) -> Result<()> {
-        let alive = || match self.exit_status() {
-            Some(status) => Err(self.died(status, "while waiting for the guest agent")),
-            None => crate::interrupt::check(),
+        let alive = || {
+            self.check_running("while waiting for the guest agent")?;
+            crate::interrupt::check()
         };
         self.agent.wait(timeout, &alive).map_err(|e| match e {
             Error::Vm(msg) if self.exit_status().is_none() => Error::Vm(format!(
@@ -847,8 +966,7 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        if let Some(t) = &self.tpm {
-            let mut t = lock(t);
+        if let Some(t) = lock(&self.tpm).as_mut() {
             let _ = t.kill();
             let _ = t.wait();
         }
@@ -858,7 +976,7 @@ impl Drop for Vm {
         }
         // SIGTERM makes QEMU exit cleanly (closing its files); SIGKILL after a short grace.
         unsafe {
-            libc::kill(self.pid as libc::pid_t, libc::SIGTERM);
+            libc::kill(self.pid() as libc::pid_t, libc::SIGTERM);
         }
         let deadline = Instant::now() + Duration::from_secs(2);
         while Instant::now() < deadline {
@@ -1227,6 +1345,11 @@ impl Agent {
             path: path.to_path_buf(),
             conn: Mutex::new(None),
         }
+    }
+
+    /// Drops the connection (the next call connects again): QEMU was started again.
+    fn disconnect(&self) {
+        *lock(&self.conn) = None;
     }
 
     fn raw_call(&self, command: &str, args: &Value, timeout: Duration) -> QResult<Value> {
@@ -1772,6 +1895,110 @@ mod tests {
             })
             .unwrap_err();
         assert_eq!(err.to_string(), "QEMU exited");
+    }
+
+    #[test]
+    fn emulator_faults_are_told_from_other_exits() {
+        use std::os::unix::process::ExitStatusExt;
+        let abort = ExitStatus::from_raw(libc::SIGABRT);
+        let log = "qemu-system-x86_64: system/physmem.c:2678: iotlb_to_section: Assertion \
+                   `section_index < d->map.sections_nb' failed.\n";
+        assert_eq!(
+            emulator_fault(abort, log),
+            Some("iotlb_to_section: Assertion")
+        );
+        // Another assertion, a guest panic (exit 1), a kill: not ours to restart.
+        assert_eq!(
+            emulator_fault(abort, "tcg.c:42: tcg_gen_code: Assertion"),
+            None
+        );
+        assert_eq!(emulator_fault(ExitStatus::from_raw(1 << 8), log), None);
+        assert_eq!(
+            emulator_fault(ExitStatus::from_raw(libc::SIGKILL), log),
+            None
+        );
+    }
+
+    /// A VM whose "QEMU" is a shell script: it aborts with the iotlb_to_section assertion
+    /// `faults` times (counted in a file), then makes its sockets (plain files suffice for
+    /// `wait_sockets`) and runs.
+    fn scripted_vm(dir: &Path, faults: u32) -> Vm {
+        let paths = VmPaths::in_workdir(dir);
+        fs::write(&paths.serial_log, b"booting\n").unwrap();
+        let script = format!(
+            "ulimit -c 0; n=$(cat {d}/runs 2>/dev/null || echo 0); echo $((n + 1)) > {d}/runs; \
+             if [ \"$n\" -lt {faults} ]; then \
+               echo \"qemu: physmem.c:2678: iotlb_to_section: Assertion \\`x' failed.\" >&2; \
+               kill -ABRT $$; fi; \
+             touch {q} {m}; exec sleep 60",
+            d = dir.display(),
+            q = paths.qga_socket.display(),
+            m = paths.qmp_socket.display(),
+        );
+        sh_vm(dir, script)
+    }
+
+    /// A VM whose "QEMU" is `sh -c script`, run in `dir`.
+    fn sh_vm(dir: &Path, script: String) -> Vm {
+        let paths = VmPaths::in_workdir(dir);
+        let program = PathBuf::from("/bin/sh");
+        let args = vec!["-c".to_string(), script];
+        let child = spawn_qemu(&program, &args, &paths.qemu_log).unwrap();
+        Vm {
+            name: "scripted".into(),
+            pid: AtomicU32::new(child.id()),
+            child: Mutex::new(child),
+            tpm: Mutex::new(None),
+            tpm_state: None,
+            program,
+            args,
+            restarts: AtomicU32::new(0),
+            agent: Agent::new("scripted", &paths.qga_socket),
+            paths,
+        }
+    }
+
+    #[test]
+    fn qemu_is_started_again_after_an_emulator_fault() {
+        let dir = tempfile::tempdir().unwrap();
+        let vm = scripted_vm(dir.path(), 1);
+        let first = vm.pid();
+        assert!(vm.wait_exit(Duration::from_secs(10)).is_some());
+        vm.check_running("while testing").unwrap();
+        assert_eq!(vm.restarts(), 1);
+        assert_ne!(vm.pid(), first);
+        assert!(vm.exit_status().is_none(), "the second QEMU runs");
+        let kept = fs::read_to_string(dir.path().join("qemu.log.1")).unwrap();
+        assert!(kept.contains("iotlb_to_section"), "{kept}");
+        let serial = fs::read_to_string(vm.serial_log()).unwrap();
+        assert!(serial.starts_with("booting\n"), "{serial}");
+        assert!(serial.contains("restart 1 of at most 2"), "{serial}");
+    }
+
+    #[test]
+    fn a_fault_on_every_boot_is_a_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let vm = scripted_vm(dir.path(), 10);
+        assert!(vm.wait_exit(Duration::from_secs(10)).is_some());
+        // One check restarts QEMU as often as allowed, each new one aborting at once.
+        let msg = vm.check_running("while testing").unwrap_err().to_string();
+        assert_eq!(vm.restarts(), MAX_RESTARTS);
+        assert_eq!(
+            fs::read_to_string(dir.path().join("runs")).unwrap().trim(),
+            "3"
+        );
+        assert!(msg.contains("exited at start"), "{msg}");
+        assert!(msg.contains("iotlb_to_section"), "{msg}");
+    }
+
+    #[test]
+    fn other_exits_are_not_restarted() {
+        let dir = tempfile::tempdir().unwrap();
+        let vm = sh_vm(dir.path(), "echo 'guest panicked' >&2; exit 1".to_string());
+        assert!(vm.wait_exit(Duration::from_secs(10)).is_some());
+        let msg = vm.check_running("while testing").unwrap_err().to_string();
+        assert!(msg.contains("guest panicked"), "{msg}");
+        assert_eq!(vm.restarts(), 0);
     }
 
     #[test]

@@ -156,6 +156,12 @@ pub fn run(o: &Options) -> Result<Report> {
     let deadline = start + o.timeout;
     let left = || deadline.saturating_duration_since(Instant::now());
     vm.wait_agent(left())?;
+    if vm.restarts() > 0 {
+        say(&format!(
+            "QEMU aborted on a known emulator defect and was started again {} time(s) on the same disks (see qemu::EMULATOR_FAULTS)",
+            vm.restarts()
+        ));
+    }
     say(&format!(
         "guest agent answered after {:.1} s",
         start.elapsed().as_secs_f64()
