@@ -174,7 +174,10 @@ pub const TCG_CPU: &str = "max,la57=off,svm=off,erms=off,fsrm=off";
 /// of QEMU's CPUs keeps it only as an idle broadcast device it never arms): measured on an idle
 /// guest, 5000 `ppoll`s in 10 s and 2.2 % of a host core with it, 174 and 0.3 % without; on an
 /// idle lb node QEMU's main thread went from 3.5 % to 0.8 % of a core. Eleven lab guests
-/// share two cores. The guest keeps TSC as its clock (acpi_pm watches it instead of the HPET).
+/// share two cores. A guest that is scheduled promptly at boot keeps TSC as its clock (acpi_pm
+/// watches it instead of the HPET); on a busy host the kernel's watchdog finds TSC unstable and
+/// switches to acpi_pm, which measured no dearer (a lone lb: 142 CPU-seconds to join on
+/// acpi_pm, 145 on TSC).
 pub const MACHINE: &str = "q35,hpet=off";
 
 /// TCG's options. The translation cache is 512 MiB (`NCIMAGE_TB_SIZE` overrides, in MiB)
