@@ -664,7 +664,7 @@ impl Vm {
     /// overlay, data disks and TPM state (the guest sees a power cut) and answers true. QEMU's
     /// log of the fault is kept as `qemu.log.<n>`; the serial log says what happened.
     /// Call it from the thread that started the VM (QEMU dies with the thread that starts it).
-    pub fn restart_after_emulator_fault(&self, status: ExitStatus) -> Result<bool> {
+    fn restart_after_emulator_fault(&self, status: ExitStatus) -> Result<bool> {
         let log = fs::read_to_string(&self.paths.qemu_log).unwrap_or_default();
         let Some(fault) = emulator_fault(status, &log) else {
             return Ok(false);
