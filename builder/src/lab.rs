@@ -9,7 +9,7 @@
 //! serial console says `joined`. `lab status` asks every node;
 //! `lab down` stops the supervisor and removes the folder, as does a failed or interrupted `up`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -511,6 +511,58 @@ pub fn exec(n: &NodeState, script: &str, timeout: Duration) -> Result<crate::qem
     Agent::new(&n.name, &n.qga).exec(&["/bin/bash", "-c", script], None, timeout)
 }
 
+/// CPU time (user + system) a process has used, in seconds, from `/proc/<pid>/stat`.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // SAFETY: sysconf reads a constant of the system.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    stat_cpu_seconds(&stat, hz as f64)
+}
+
+/// utime + stime of a `/proc/<pid>/stat` line in seconds (`hz` ticks a second). The process
+/// name (field 2, in parentheses) may hold spaces and parentheses: fields count from its end.
+pub fn stat_cpu_seconds(stat: &str, hz: f64) -> Option<f64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state is field 3, utime field 14 and stime field 15.
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    (hz > 0.0).then(|| (utime + stime) / hz)
+}
+
+/// What `lab up` measured: when each node's console said `joined` (seconds after `lab up`
+/// started) and the CPU its QEMU process had used by then; every QEMU's CPU when the last
+/// node joined. Under TCG a guest's work is host CPU: these say whether a lab was bound by the
+/// host's cores (their sum against cores × seconds) and compare runs on a host whose speed
+/// varies.
+#[derive(Debug, Clone, Default)]
+pub struct UpFigures {
+    pub seconds: f64,
+    /// Node name → (seconds after `lab up` started, QEMU CPU-seconds by then).
+    pub joins: BTreeMap<String, (f64, f64)>,
+    /// Every QEMU's CPU-seconds when the last node joined.
+    pub cpu_all: f64,
+}
+
+impl UpFigures {
+    /// CPU-seconds the QEMU processes used by their own joins.
+    pub fn cpu_by_joins(&self) -> f64 {
+        self.joins.values().map(|j| j.1).sum()
+    }
+
+    /// One line: the CPU figures against what the host's cores could give in that time.
+    pub fn summary(&self, cores: usize) -> String {
+        format!(
+            "QEMU CPU: {:.0} s by the joins, {:.0} s in all when the last node joined: {:.2} of {} cores busy on average over {:.0} s",
+            self.cpu_by_joins(),
+            self.cpu_all,
+            if self.seconds > 0.0 { self.cpu_all / self.seconds } else { 0.0 },
+            cores,
+            self.seconds
+        )
+    }
+}
+
 /// Memory the node's QEMU process holds on the host (VmRSS), MiB.
 pub fn rss_mib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -524,7 +576,7 @@ pub fn rss_mib(pid: u32) -> Option<u64> {
     Some(kb / 1024)
 }
 
-pub fn up(o: &UpOptions, say: &dyn Fn(&str)) -> Result<State> {
+pub fn up(o: &UpOptions, say: &dyn Fn(&str)) -> Result<(State, UpFigures)> {
     crate::cluster::check_roles(&o.spec, &o.project)?;
     let order = crate::cluster::boot_order(&o.spec, &o.project)?;
     let cluster = o.spec.cluster.as_ref().expect("checked");
@@ -573,7 +625,7 @@ fn up_inner(
     o: &UpOptions,
     cluster: &crate::cluster::ClusterSettings,
     say: &dyn Fn(&str),
-) -> Result<State> {
+) -> Result<(State, UpFigures)> {
     let t = Instant::now();
     let secrets_file = o.dir.join("secrets.toml");
     crate::secrets::init(&o.spec, &o.project, &secrets_file)?;
@@ -655,6 +707,7 @@ fn up_inner(
     // `ncimage status`) costs a second of CPU shared with every guest still booting.
     let mut joined_nodes: std::collections::HashSet<String> = Default::default();
     let mut asked: HashMap<String, Instant> = HashMap::new();
+    let mut figures = UpFigures::default();
     loop {
         crate::interrupt::check()?;
         let state = read_state(&o.dir)?;
@@ -687,8 +740,14 @@ fn up_inner(
                     }
                 }
             };
-            if joined {
-                joined_nodes.insert(n.name.clone());
+            if joined && joined_nodes.insert(n.name.clone()) {
+                figures.joins.insert(
+                    n.name.clone(),
+                    (
+                        t.elapsed().as_secs_f64(),
+                        cpu_seconds(n.qemu_pid).unwrap_or(0.0),
+                    ),
+                );
             }
             all &= joined;
             if last.get(&n.name) != Some(&line) {
@@ -702,12 +761,17 @@ fn up_inner(
             }
         }
         if all {
+            figures.seconds = t.elapsed().as_secs_f64();
+            figures.cpu_all = state
+                .nodes
+                .iter()
+                .filter_map(|n| cpu_seconds(n.qemu_pid))
+                .sum();
             say(&format!(
                 "lab {}: every node joined after {:.0} s",
-                cluster.name,
-                t.elapsed().as_secs_f64()
+                cluster.name, figures.seconds
             ));
-            return Ok(state);
+            return Ok((state, figures));
         }
         if t.elapsed() > o.timeout {
             return Err(Error::Vm(format!(
@@ -776,6 +840,43 @@ fn data_disks(image: &Path, work: &Path) -> Result<Vec<(PathBuf, String)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_time_is_read_from_proc_stat_even_with_odd_process_names() {
+        // A QEMU guest name can put spaces and parentheses into the process name.
+        let line = "4242 (qemu (lab) x) S 1 4242 4242 0 -1 4194560 100 0 0 0 2500 730 0 0 20 0 5 0 1000 0 0";
+        assert_eq!(stat_cpu_seconds(line, 100.0), Some(32.3));
+        assert_eq!(stat_cpu_seconds(line, 0.0), None);
+        assert_eq!(stat_cpu_seconds("4242 (qemu) S 1 2", 100.0), None);
+        assert_eq!(stat_cpu_seconds("no name here", 100.0), None);
+        // This process: its CPU time grows with work done.
+        let before = cpu_seconds(std::process::id()).unwrap();
+        let t = Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(300) {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+        let after = cpu_seconds(std::process::id()).unwrap();
+        assert!(after - before >= 0.1, "{before} -> {after}");
+        assert_eq!(cpu_seconds(u32::MAX), None);
+    }
+
+    #[test]
+    fn up_figures_say_how_busy_the_cores_were() {
+        let mut f = UpFigures {
+            seconds: 1000.0,
+            cpu_all: 1900.0,
+            ..Default::default()
+        };
+        f.joins.insert("db-1".into(), (200.0, 180.0));
+        f.joins.insert("lb-1".into(), (1000.0, 160.5));
+        assert_eq!(f.cpu_by_joins(), 340.5);
+        assert_eq!(
+            f.summary(2),
+            "QEMU CPU: 340 s by the joins, 1900 s in all when the last node joined: 1.90 of 2 cores busy on average over 1000 s"
+        );
+        assert!(UpFigures::default().summary(2).contains("0.00 of 2 cores"));
+    }
 
     #[test]
     fn a_panic_of_the_last_boot_is_found_in_the_serial_log() {

@@ -581,7 +581,7 @@ fn run(cli: Cli) -> ncimage::Result<()> {
                     .map_err(ncimage::Error::io("resolving", &lab.spec))?;
                 let images = std::fs::canonicalize(&images).unwrap_or(images);
                 let t = std::time::Instant::now();
-                let state = ncimage::lab::up(
+                let (state, figures) = ncimage::lab::up(
                     &ncimage::lab::UpOptions {
                         spec,
                         spec_path,
@@ -602,15 +602,20 @@ fn run(cli: Cli) -> ncimage::Result<()> {
                     dir.display()
                 );
                 for n in &state.nodes {
+                    let (at, cpu) = figures.joins.get(&n.name).copied().unwrap_or_default();
                     println!(
-                        "  {:<12} {:<10} {:<15} QEMU RSS {:>5} MiB of {} MiB",
+                        "  {:<12} {:<10} {:<15} joined at {:>5.0} s, QEMU CPU {:>4.0} s by then; QEMU RSS {:>5} MiB, guest memory {} MiB",
                         n.name,
                         n.role,
                         n.address,
+                        at,
+                        cpu,
                         ncimage::lab::rss_mib(n.qemu_pid).unwrap_or(0),
                         n.memory_mib
                     );
                 }
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                println!("  {}", figures.summary(cores));
                 Ok(())
             }
             LabCmd::Status { lab } => {
