@@ -519,14 +519,20 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     stat_cpu_seconds(&stat, hz as f64)
 }
 
-/// utime + stime of a `/proc/<pid>/stat` line in seconds (`hz` ticks a second). The process
-/// name (field 2, in parentheses) may hold spaces and parentheses: fields count from its end.
+/// Field `n` (numbered as in proc(5): 3 is the state) of a `/proc/<pid>/stat` line. The
+/// process name (field 2, in parentheses) may hold spaces and parentheses: fields count from
+/// its end.
+pub fn stat_field(stat: &str, n: usize) -> Option<&str> {
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(n.checked_sub(3)?)
+}
+
+/// utime + stime (fields 14 and 15) of a `/proc/<pid>/stat` line in seconds (`hz` ticks a
+/// second).
 pub fn stat_cpu_seconds(stat: &str, hz: f64) -> Option<f64> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // After the name: state is field 3, utime field 14 and stime field 15.
-    let utime: f64 = f.get(11)?.parse().ok()?;
-    let stime: f64 = f.get(12)?.parse().ok()?;
+    let utime: f64 = stat_field(stat, 14)?.parse().ok()?;
+    let stime: f64 = stat_field(stat, 15)?.parse().ok()?;
     (hz > 0.0).then(|| (utime + stime) / hz)
 }
 
@@ -849,14 +855,20 @@ mod tests {
         assert_eq!(stat_cpu_seconds(line, 0.0), None);
         assert_eq!(stat_cpu_seconds("4242 (qemu) S 1 2", 100.0), None);
         assert_eq!(stat_cpu_seconds("no name here", 100.0), None);
-        // This process: its CPU time grows with work done.
+        assert_eq!(stat_field(line, 3), Some("S"));
+        assert_eq!(stat_field(line, 2), None);
+        // This process: its CPU time grows with work done (however busy the machine is, a
+        // tenth of a second of CPU comes within a minute).
         let before = cpu_seconds(std::process::id()).unwrap();
         let t = Instant::now();
         let mut x = 0u64;
-        while t.elapsed() < Duration::from_millis(300) {
-            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        let mut after = before;
+        while after - before < 0.1 && t.elapsed() < Duration::from_secs(60) {
+            for _ in 0..1_000_000 {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+            after = cpu_seconds(std::process::id()).unwrap();
         }
-        let after = cpu_seconds(std::process::id()).unwrap();
         assert!(after - before >= 0.1, "{before} -> {after}");
         assert_eq!(cpu_seconds(u32::MAX), None);
     }
@@ -1009,9 +1021,7 @@ mod tests {
             .unwrap();
         renice(child.id(), 7);
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap();
-        // Field 19 is the nice value; fields after the command's closing parenthesis.
-        let after = &stat[stat.rfind(')').unwrap() + 2..];
-        let nice: i32 = after.split(' ').nth(16).unwrap().parse().unwrap();
+        let nice: i32 = stat_field(&stat, 19).unwrap().parse().unwrap();
         let _ = child.kill();
         let _ = child.wait();
         assert_eq!(nice, 7, "{stat}");

@@ -550,13 +550,7 @@ fn ctrl_c_during_a_boot_kills_qemu_and_cleans_up() {
     for pid in qemus {
         // Gone, or a zombie waiting for init to reap it.
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let state = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .next()
-            .unwrap_or("");
+        let state = ncimage::lab::stat_field(&stat, 3).unwrap_or("");
         assert!(
             stat.is_empty() || state == "Z",
             "QEMU {pid} left running ({state})"
