@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::layer::Project;
 use crate::qemu::{Agent, Firmware, Vm, VmConfig};
+use crate::rekey;
 use crate::spec::Spec;
 
 /// What the supervisor started (the lab folder's state.json).
@@ -197,6 +198,9 @@ pub struct SuperviseOptions {
     pub booting: usize,
     /// Every VM's firmware (`lab up --firmware`).
     pub firmware: Firmware,
+    /// Leave the root's re-encryption to each VM's first boot (`lab up --reencrypt-in-guest`)
+    /// instead of [`rekey::own_key_before_boot`] on the host.
+    pub reencrypt_in_guest: bool,
 }
 
 /// How long the supervisor holds the next VM back for a full set of booting ones: a join line
@@ -225,15 +229,24 @@ pub fn supervise(o: &SuperviseOptions) -> Result<()> {
     std::thread::spawn(move || run_switch(listener));
     let mut vms = Vec::new();
     let mut nodes: Vec<NodeState> = Vec::new();
+    let enroll_key = crate::rootfs::cache_dir().join(crate::rootfs::ENROLL_KEY);
     for (k, &i) in o.order.iter().enumerate() {
         let n = &o.spec.nodes[i];
+        let t = Instant::now();
+        let work = o.dir.join("vms").join(&n.name);
+        std::fs::create_dir_all(&work).map_err(Error::io("creating", &work))?;
+        // Made while the VMs before it boot (the wait below counts from here).
+        let disk = if o.reencrypt_in_guest {
+            image_of(&o.images, &n.role)
+        } else {
+            own_disk(&o.images, &n.role, &work, &enroll_key, &n.name)?
+        };
         if k > 0 {
             // The next VM starts `stagger` after the last one, and once fewer than `booting`
             // are still booting: eleven TCG guests booting at once on two cores each run
             // slower per unit of work (caches, timers firing on guest clocks that run on while
             // the host does not schedule them) than a few at a time, and a guest not started
             // yet costs nothing while it would only wait for the ones before it.
-            let t = Instant::now();
             let mut checked: Option<Instant> = None;
             loop {
                 crate::interrupt::check()?;
@@ -251,7 +264,6 @@ pub fn supervise(o: &SuperviseOptions) -> Result<()> {
         }
         let mac = mac_of(i + 1);
         let memory = n.memory_mib.unwrap_or(1024);
-        let work = o.dir.join("vms").join(&n.name);
         // A vTPM (swtpm, state beside the VM) for nodes whose unlock policy asks for one.
         let tpm = o
             .spec
@@ -261,7 +273,7 @@ pub fn supervise(o: &SuperviseOptions) -> Result<()> {
         let data_disks = data_disks(&image_of(&o.images, &n.role), &work)?;
         let vm = Vm::start(VmConfig {
             name: n.name.clone(),
-            disk: image_of(&o.images, &n.role),
+            disk,
             extra_disks: vec![o.dir.join("seeds").join(format!("{}.img", n.name))],
             firmware: o.firmware,
             memory_mib: memory,
@@ -300,6 +312,46 @@ pub fn supervise(o: &SuperviseOptions) -> Result<()> {
     drop(vms);
     let _ = std::fs::remove_file(&sock);
     Ok(())
+}
+
+/// A node's own disk (`<work>/disk.qcow2`, over its role's image), its root re-encrypted on
+/// the host under a fresh volume key ([`rekey::own_key_before_boot`]). The role's image itself
+/// when the enrollment key here does not open it (built on another machine): that VM's first
+/// boot re-encrypts, as a cloud instance's does.
+fn own_disk(
+    images: &Path,
+    role: &str,
+    work: &Path,
+    enroll_key: &Path,
+    node: &str,
+) -> Result<PathBuf> {
+    let image = image_of(images, role);
+    let extent = rekey::RootExtent::from_manifest(&image.with_file_name("manifest.json"))?;
+    let disk = work.join("disk.qcow2");
+    if !enroll_key.exists() {
+        println!(
+            "{node}: no enrollment key at {}: the first boot re-encrypts the root",
+            enroll_key.display()
+        );
+        return Ok(image);
+    }
+    match rekey::own_key_before_boot(&image, "qcow2", &extent, enroll_key, &disk)? {
+        rekey::BeforeBoot::Done { bytes, seconds } => {
+            println!(
+                "{node}: root re-encrypted on the host under its own volume key ({} MiB in {seconds:.1} s)",
+                bytes >> 20
+            );
+            Ok(disk)
+        }
+        rekey::BeforeBoot::KeyDoesNotOpen => {
+            println!(
+                "{node}: {} does not open {} (built on another machine): the first boot re-encrypts the root",
+                enroll_key.display(),
+                image.display()
+            );
+            Ok(image)
+        }
+    }
 }
 
 /// Sets the nice value of every thread of process `pid` (Linux's nice is per thread; threads
@@ -350,6 +402,8 @@ pub struct UpOptions {
     /// At most this many VMs boot at once (see `SuperviseOptions::booting`).
     pub booting: usize,
     pub firmware: Firmware,
+    /// See [`SuperviseOptions::reencrypt_in_guest`].
+    pub reencrypt_in_guest: bool,
     /// Keep the lab when `up` fails (to look inside).
     pub keep_on_failure: bool,
 }
@@ -671,6 +725,7 @@ fn up_inner(
                 .map(|v| v.get_name().to_string())
                 .unwrap_or_default(),
         )
+        .args(o.reencrypt_in_guest.then_some("--reencrypt-in-guest"))
         .stdin(std::process::Stdio::null())
         .stdout(logf.try_clone().map_err(Error::io("opening", &log))?)
         .stderr(logf);

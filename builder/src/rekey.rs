@@ -354,12 +354,28 @@ impl Status {
             State::WaitingForSeed => "volume key replaced; waiting for the seed".into(),
             State::Binding => "binding the unlock methods".into(),
             State::Done => format!(
-                "own volume key (re-encrypted {}in {:.0} s{}{}{}), unlock: {}, enrollment key removed",
-                self.reencrypt_bytes
-                    .map(|b| format!("{} MiB ", b >> 20))
-                    .unwrap_or_default(),
-                self.reencrypt_seconds.unwrap_or(0.0),
-                if self.offline { " by the initramfs" } else { "" },
+                "own volume key ({}{}{}), unlock: {}, enrollment key removed",
+                if self.offline
+                    && self.reencrypt_bytes.is_none()
+                    && self.reencrypt_seconds == Some(0.0)
+                {
+                    // Marked before the initramfs looked (ncimage lab re-encrypts on the
+                    // host), or by a boot that lost power before its figures were kept.
+                    "re-encrypted before this boot".to_string()
+                } else {
+                    format!(
+                        "re-encrypted {}in {:.0} s{}",
+                        self.reencrypt_bytes
+                            .map(|b| format!("{} MiB ", b >> 20))
+                            .unwrap_or_default(),
+                        self.reencrypt_seconds.unwrap_or(0.0),
+                        if self.offline {
+                            " by the initramfs"
+                        } else {
+                            ""
+                        }
+                    )
+                },
                 self.root_bytes
                     .map(|b| format!(", root {} MiB", b >> 20))
                     .unwrap_or_default(),
@@ -589,6 +605,195 @@ fn opens(dev: &str, key: &Path) -> Option<u32> {
 
 fn tpm_present(root: &Path) -> bool {
     root.join("dev/tpmrm0").exists() || root.join("sys/class/tpm/tpm0").exists()
+}
+
+// ---------------------------------------------------------------------------------------------
+// On the host, before a first boot
+
+/// Where an image's root LUKS2 volume lies in its disk and how much of it the filesystem fills,
+/// from the image's manifest.json.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RootExtent {
+    /// Byte offset of the root partition in the disk.
+    pub offset: u64,
+    /// The LUKS2 header's size (the data segment's offset).
+    pub header: u64,
+    /// The filesystem's size: what the first boot re-encrypts.
+    pub fs_bytes: u64,
+    /// The header's UUID, to tell a manifest from another build.
+    pub uuid: String,
+}
+
+impl RootExtent {
+    /// Reads the extent from a manifest (`disk.partitions` named root, `luks`,
+    /// `filesystems.root`).
+    pub fn from_manifest(manifest: &Path) -> Result<RootExtent> {
+        let text = std::fs::read_to_string(manifest).map_err(Error::io("reading", manifest))?;
+        let m: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+            Error::invalid(
+                format!("{}: not JSON ({e})", manifest.display()),
+                "build the image again (ncimage build)",
+            )
+        })?;
+        let missing = |what: &str| {
+            Error::invalid(
+                format!("{}: no {what}", manifest.display()),
+                "build the image again with this ncimage (ncimage build)",
+            )
+        };
+        let root = m["disk"]["partitions"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["name"] == "root"))
+            .ok_or_else(|| missing("root partition in disk.partitions"))?;
+        let start = root["start_lba"]
+            .as_u64()
+            .ok_or_else(|| missing("start_lba for the root partition"))?;
+        Ok(RootExtent {
+            offset: start * 512,
+            header: m["luks"]["data_offset"]
+                .as_u64()
+                .ok_or_else(|| missing("luks.data_offset"))?,
+            fs_bytes: m["filesystems"]["root"]["size_bytes"]
+                .as_u64()
+                .ok_or_else(|| missing("filesystems.root.size_bytes"))?,
+            uuid: m["luks"]["uuid"]
+                .as_str()
+                .ok_or_else(|| missing("luks.uuid"))?
+                .to_string(),
+        })
+    }
+
+    /// Header and filesystem: the part of the partition the re-encryption reads and writes.
+    pub fn bytes(&self) -> u64 {
+        self.header + self.fs_bytes
+    }
+}
+
+/// A byte range of a disk image as a QEMU block node (`--image-opts`): the raw driver's
+/// offset and size over the image's own format. Commas in the path are doubled (QEMU's
+/// option syntax).
+pub fn image_range_opts(image: &Path, format: &str, offset: u64, size: u64) -> String {
+    format!(
+        "driver=raw,offset={offset},size={size},file.driver={format},file.file.filename={}",
+        image.display().to_string().replace(',', ",,")
+    )
+}
+
+/// What [`own_key_before_boot`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BeforeBoot {
+    /// `disk` holds the root under a fresh volume key, marked ([`OWN_KEY_MARK`]).
+    Done { bytes: u64, seconds: f64 },
+    /// The enrollment key does not open the image (built on another machine): nothing was
+    /// written; the first boot re-encrypts.
+    KeyDoesNotOpen,
+}
+
+/// On the host, before a VM's first boot: writes `disk`, a qcow2 overlay on `image` whose root
+/// is re-encrypted under a fresh volume key, exactly as the first-boot initramfs would do it
+/// (the same `cryptsetup reencrypt` arguments, the same mark, so the initramfs leaves it and
+/// `ncimage rekey` goes on with the recovery key and the unlock methods). The host's CPU does
+/// in seconds what costs a TCG guest half a minute. `ncimage lab` uses it; a cloud instance
+/// re-encrypts itself. The root's extent is copied to a file beside `disk`, re-encrypted
+/// there (cryptsetup works on a file offline) and written back into the new overlay; `disk`
+/// appears only when all of it worked.
+pub fn own_key_before_boot(
+    image: &Path,
+    format: &str,
+    extent: &RootExtent,
+    enroll_key: &Path,
+    disk: &Path,
+) -> Result<BeforeBoot> {
+    let t = Instant::now();
+    // qemu-img resolves a relative backing file against the overlay's folder.
+    let image = &std::fs::canonicalize(image).map_err(Error::io("resolving", image))?;
+    let name = disk
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let part = disk.with_file_name(format!(".{name}.root.tmp"));
+    let tmp = disk.with_file_name(format!(".{name}.tmp"));
+    let cleanup = || {
+        let _ = std::fs::remove_file(&part);
+        let _ = std::fs::remove_file(&tmp);
+    };
+    cleanup();
+    let r = (|| {
+        tools::run(
+            Command::new("qemu-img")
+                .args(["convert", "-O", "raw", "--image-opts"])
+                .arg(image_range_opts(
+                    image,
+                    format,
+                    extent.offset,
+                    extent.bytes(),
+                ))
+                .arg(&part),
+        )?;
+        let p = part.to_string_lossy().into_owned();
+        let dump = tools::run(&mut cs(&["luksDump", &p]))?;
+        let uuid = dump
+            .lines()
+            .find_map(|l| l.strip_prefix("UUID:"))
+            .map(str::trim);
+        if uuid != Some(extent.uuid.as_str()) {
+            return Err(Error::invalid(
+                format!(
+                    "{}: the root's LUKS2 header has UUID {} and the manifest says {}",
+                    image.display(),
+                    uuid.unwrap_or("(none)"),
+                    extent.uuid
+                ),
+                "the image and its manifest.json come from different builds: build the image again",
+            ));
+        }
+        if subsystem(&dump) == Some(OWN_KEY_MARK) {
+            return Err(Error::invalid(
+                format!(
+                    "{}: the root already has its own volume key (a machine's disk, not an image)",
+                    image.display()
+                ),
+                "give the image the build wrote (ncimage build), not a disk a VM used",
+            ));
+        }
+        if opens(&p, enroll_key).is_none() {
+            return Ok(BeforeBoot::KeyDoesNotOpen);
+        }
+        let mut c = cs(&["reencrypt", "--batch-mode", "--force-offline-reencrypt"]);
+        c.arg("--key-file")
+            .arg(enroll_key)
+            .args(["--device-size", &extent.fs_bytes.to_string()])
+            .args(REENCRYPT_ARGS)
+            .args(crate::luks::GENERATED_KEY_PBKDF_ARGS)
+            .arg(&part);
+        tools::run(&mut c)?;
+        tools::run(&mut cs(&["config", "--subsystem", OWN_KEY_MARK, &p]))?;
+        tools::run(
+            Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-F", format, "-b"])
+                .arg(image)
+                .arg(&tmp),
+        )?;
+        tools::run(
+            Command::new("qemu-img")
+                .args(["convert", "-n", "-f", "raw"])
+                .arg(&part)
+                .arg("--target-image-opts")
+                .arg(image_range_opts(
+                    &tmp,
+                    "qcow2",
+                    extent.offset,
+                    extent.bytes(),
+                )),
+        )?;
+        std::fs::rename(&tmp, disk).map_err(Error::io("renaming", &tmp))?;
+        Ok(BeforeBoot::Done {
+            bytes: extent.fs_bytes,
+            seconds: t.elapsed().as_secs_f64(),
+        })
+    })();
+    cleanup();
+    r
 }
 
 /// Runs (or resumes, or finishes) the first-boot re-keying. Idempotent.
@@ -1100,8 +1305,206 @@ Digests:
         assert_eq!(s.line(), "ncimage: encryption: own volume key (re-encrypted 960 MiB in 41 s, root 2048 MiB), unlock: tpm2 + recovery key, enrollment key removed");
         s.offline = true;
         assert_eq!(s.line(), "ncimage: encryption: own volume key (re-encrypted 960 MiB in 41 s by the initramfs, root 2048 MiB), unlock: tpm2 + recovery key, enrollment key removed");
+        // Marked before the initramfs looked: no figures from this machine.
+        s.reencrypt_bytes = None;
+        s.reencrypt_seconds = Some(0.0);
+        assert_eq!(s.line(), "ncimage: encryption: own volume key (re-encrypted before this boot, root 2048 MiB), unlock: tpm2 + recovery key, enrollment key removed");
         s.state = State::Failed;
         s.message = "clevis luks bind tang failed".into();
         assert!(s.line().contains("FAILED: clevis luks bind tang failed"));
+    }
+
+    fn manifest(dir: &Path, uuid: &str) -> PathBuf {
+        let m = serde_json::json!({
+            "disk": { "partitions": [
+                { "name": "esp", "start_lba": 34 },
+                { "name": "root", "start_lba": 2048 },
+            ] },
+            "luks": { "uuid": uuid, "data_offset": 16u64 << 20 },
+            "filesystems": { "root": { "size_bytes": 1u64 << 20 } },
+        });
+        let p = dir.join("manifest.json");
+        std::fs::write(&p, m.to_string()).unwrap();
+        p
+    }
+
+    #[test]
+    fn root_extent_comes_from_the_manifest() {
+        let d = tempfile::tempdir().unwrap();
+        let p = manifest(d.path(), "u-1");
+        assert_eq!(
+            RootExtent::from_manifest(&p).unwrap(),
+            RootExtent {
+                offset: 1 << 20,
+                header: 16 << 20,
+                fs_bytes: 1 << 20,
+                uuid: "u-1".into()
+            }
+        );
+        std::fs::write(&p, r#"{"disk": {"partitions": []}}"#).unwrap();
+        let e = RootExtent::from_manifest(&p).unwrap_err().to_string();
+        assert!(e.contains("manifest.json: no root partition"), "{e}");
+        std::fs::write(&p, "{").unwrap();
+        let e = RootExtent::from_manifest(&p).unwrap_err().to_string();
+        assert!(e.contains("manifest.json: not JSON"), "{e}");
+    }
+
+    #[test]
+    fn an_image_range_is_a_raw_node_over_the_image() {
+        assert_eq!(
+            image_range_opts(Path::new("/v/a,b.qcow2"), "qcow2", 512, 1024),
+            "driver=raw,offset=512,size=1024,file.driver=qcow2,file.file.filename=/v/a,,b.qcow2"
+        );
+    }
+
+    /// The data area of a LUKS2 file (`header` bytes in).
+    fn data_area(path: &Path, header: u64) -> Vec<u8> {
+        std::fs::read(path).unwrap()[header as usize..].to_vec()
+    }
+
+    /// A disk's root extent as a file of its own.
+    fn extract(disk: &Path, e: &RootExtent, to: &Path) {
+        tools::run(
+            Command::new("qemu-img")
+                .args(["convert", "-O", "raw", "--image-opts"])
+                .arg(image_range_opts(disk, "qcow2", e.offset, e.bytes()))
+                .arg(to),
+        )
+        .unwrap();
+    }
+
+    /// A node's disk made on the host: a fresh volume key, the mark the initramfs looks for,
+    /// the image's UUID and enrollment keyslot, 4 KiB sectors, and the same plaintext (put
+    /// back under the image's volume key and 512-byte sectors, the ciphertext is the image's
+    /// again, byte for byte). The image is not written; a key that does not open it, or a
+    /// manifest from another build, leaves no disk.
+    #[test]
+    fn a_disk_gets_its_own_volume_key_on_the_host() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        let uuid = "0d7e3c2a-6b1f-4e59-9a8d-3c2b1a0f9e8d";
+        let key = p.join("enroll.key");
+        std::fs::write(&key, [7u8; 64]).unwrap();
+        let vk = p.join("vk");
+        let mut vk_bytes = [0u8; 64];
+        getrandom::fill(&mut vk_bytes).unwrap();
+        std::fs::write(&vk, vk_bytes).unwrap();
+        // The image's root: a LUKS2 header (512-byte sectors, as the build writes it) and 1 MiB
+        // of ciphertext, behind a 1 MiB gap for the partition table.
+        let root = p.join("root.luks");
+        std::fs::write(&root, b"").unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&root)
+            .unwrap()
+            .set_len((16 << 20) + (1 << 20))
+            .unwrap();
+        tools::run(
+            Command::new("cryptsetup")
+                .args(["luksFormat", "--batch-mode", "--type", "luks2"])
+                .args(["--sector-size", "512", "--offset", "32768", "--uuid", uuid])
+                .args(crate::luks::GENERATED_KEY_PBKDF_ARGS)
+                .arg("--volume-key-file")
+                .arg(&vk)
+                .arg("--key-file")
+                .arg(&key)
+                .arg(&root),
+        )
+        .unwrap();
+        let mut cipher = vec![0u8; 1 << 20];
+        getrandom::fill(&mut cipher).unwrap();
+        let mut whole = vec![0u8; 1 << 20];
+        whole.extend_from_slice(&std::fs::read(&root).unwrap()[..16 << 20]);
+        whole.extend_from_slice(&cipher);
+        let raw = p.join("image.raw");
+        std::fs::write(&raw, &whole).unwrap();
+        let image = p.join("ncimage-x.qcow2");
+        tools::run(
+            Command::new("qemu-img")
+                .args(["convert", "-f", "raw", "-O", "qcow2"])
+                .arg(&raw)
+                .arg(&image),
+        )
+        .unwrap();
+        let before = std::fs::read(&image).unwrap();
+        let extent = RootExtent::from_manifest(&manifest(p, uuid)).unwrap();
+
+        let disk = p.join("disk.qcow2");
+        let r = own_key_before_boot(&image, "qcow2", &extent, &key, &disk).unwrap();
+        assert!(
+            matches!(r, BeforeBoot::Done { bytes, .. } if bytes == 1 << 20),
+            "{r:?}"
+        );
+        assert_eq!(
+            std::fs::read(&image).unwrap(),
+            before,
+            "the image was written"
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(p)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+
+        let got = p.join("got.luks");
+        extract(&disk, &extent, &got);
+        let g = got.to_string_lossy().into_owned();
+        let dump = tools::run(&mut cs(&["luksDump", &g])).unwrap();
+        assert_eq!(subsystem(&dump), Some(OWN_KEY_MARK), "{dump}");
+        assert!(dump.contains(&format!("UUID:          \t{uuid}")), "{dump}");
+        assert!(dump.contains("sector: 4096 [bytes]"), "{dump}");
+        assert!(!reencrypt_in_progress(&dump), "{dump}");
+        // The re-wrapped enrollment keyslot keeps the minimal PBKDF of generated keys.
+        assert!(
+            dump.contains("PBKDF:      pbkdf2") && !dump.contains("argon2"),
+            "{dump}"
+        );
+        assert!(opens(&g, &key).is_some());
+        assert_ne!(data_area(&got, 16 << 20), cipher, "not re-encrypted");
+        // Back under the image's volume key: the image's ciphertext again.
+        tools::run(
+            cs(&["reencrypt", "--batch-mode", "--force-offline-reencrypt"])
+                .arg("--key-file")
+                .arg(&key)
+                .arg("--volume-key-file")
+                .arg(&vk)
+                .args(["--sector-size", "512"])
+                .args(crate::luks::GENERATED_KEY_PBKDF_ARGS)
+                .arg(&got),
+        )
+        .unwrap();
+        assert!(
+            data_area(&got, 16 << 20) == cipher,
+            "the plaintext changed on the way"
+        );
+
+        // Another machine's enrollment key: nothing written.
+        let other = p.join("other.key");
+        std::fs::write(&other, [8u8; 64]).unwrap();
+        let disk2 = p.join("disk2.qcow2");
+        assert_eq!(
+            own_key_before_boot(&image, "qcow2", &extent, &other, &disk2).unwrap(),
+            BeforeBoot::KeyDoesNotOpen
+        );
+        assert!(!disk2.exists());
+        // A manifest of another build: an error naming the image, nothing written.
+        let mut wrong = extent.clone();
+        wrong.uuid = "11111111-2222-3333-4444-555555555555".into();
+        let e = own_key_before_boot(&image, "qcow2", &wrong, &key, &disk2)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("ncimage-x.qcow2") && e.contains("has UUID"),
+            "{e}"
+        );
+        assert!(!disk2.exists());
+        // A machine's disk is not an image.
+        let e = own_key_before_boot(&disk, "qcow2", &extent, &key, &disk2)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("already has its own volume key"), "{e}");
+        assert!(!disk2.exists());
     }
 }

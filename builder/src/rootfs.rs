@@ -172,12 +172,15 @@ pub fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/cache/ncimage"))
 }
 
+/// Where [`enrollment_key`] keeps the key, under the cache.
+pub const ENROLL_KEY: &str = "keys/enroll.key";
+
 /// The key that lets first boot open the root without a console, made once per build machine
 /// (0600 in the cache). A later issue replaces it with per-instance keys at first boot.
 pub fn enrollment_key(cache: &Path) -> Result<PathBuf> {
-    let dir = cache.join("keys");
-    std::fs::create_dir_all(&dir).map_err(Error::io("creating", &dir))?;
-    let path = dir.join("enroll.key");
+    let path = cache.join(ENROLL_KEY);
+    let dir = path.parent().expect("ENROLL_KEY is in a folder");
+    std::fs::create_dir_all(dir).map_err(Error::io("creating", dir))?;
     if !path.exists() {
         let mut key = [0u8; 64];
         getrandom::fill(&mut key).map_err(|e| Error::Vm(format!("no randomness: {e}")))?;
