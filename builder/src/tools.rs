@@ -71,24 +71,27 @@ fn is_executable(p: &Path) -> bool {
 
 /// Runs a command to completion; on failure the error carries the command line and its output.
 pub fn run(cmd: &mut Command) -> Result<String> {
+    run_with_stdin(cmd, Stdio::null())
+}
+
+/// [`run`] with `stdin` as the command's standard input (a file holding a key, say: never a
+/// command-line argument).
+pub fn run_with_stdin(cmd: &mut Command, stdin: Stdio) -> Result<String> {
     let shown = show(cmd);
     tracing::debug!(command = %shown, "run");
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                let prog = cmd.get_program().to_string_lossy().to_string();
-                require(&prog)
-                    .err()
-                    .unwrap_or(Error::Vm(format!("{prog}: {e}")))
-            }
-            _ => Error::Command {
-                command: shown.clone(),
-                status: e.to_string(),
-                output: String::new(),
-            },
-        })?;
+    let out = cmd.stdin(stdin).output().map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            let prog = cmd.get_program().to_string_lossy().to_string();
+            require(&prog)
+                .err()
+                .unwrap_or(Error::Vm(format!("{prog}: {e}")))
+        }
+        _ => Error::Command {
+            command: shown.clone(),
+            status: e.to_string(),
+            output: String::new(),
+        },
+    })?;
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     if !out.status.success() {
         let mut output = String::from_utf8_lossy(&out.stderr).to_string();
