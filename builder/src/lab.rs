@@ -291,8 +291,7 @@ pub fn supervise(o: &SuperviseOptions) -> Result<()> {
         // 2k (at most 19). On few cores every guest boots at once otherwise, each at a
         // fraction of a core, and the whole critical path (database, storage, first app
         // server) waits behind guests nobody waits for. A booted guest idles, so a late one
-        // still gets the CPU when the early ones are done. SCHED_BATCH: a waking QEMU thread
-        // (an idle guest's timer tick, dozens a second in each) does not preempt a busy one.
+        // still gets the CPU when the early ones are done.
         renice(vm.pid(), (2 * k as i32).min(19));
         nodes.push(NodeState {
             name: n.name.clone(),
@@ -355,7 +354,7 @@ fn own_disk(
     }
 }
 
-/// Sets SCHED_BATCH and the nice value of every thread of process `pid` (Linux's nice is per thread; threads
+/// Sets the nice value of every thread of process `pid` (Linux's nice is per thread; threads
 /// made later inherit it from the main thread). Best effort: a failure leaves the priority.
 fn renice(pid: u32, nice: i32) {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -363,12 +362,8 @@ fn renice(pid: u32, nice: i32) {
     };
     for t in tasks.flatten() {
         if let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) {
-            let param = libc::sched_param { sched_priority: 0 };
-            // SAFETY: both calls only read their arguments; `param` outlives the call.
-            unsafe {
-                libc::sched_setscheduler(tid as libc::pid_t, libc::SCHED_BATCH, &param);
-                libc::setpriority(libc::PRIO_PROCESS, tid, nice);
-            }
+            // SAFETY: setpriority has no memory effects.
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) };
         }
     }
 }
@@ -1082,11 +1077,9 @@ mod tests {
         renice(child.id(), 7);
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap();
         let nice: i32 = stat_field(&stat, 19).unwrap().parse().unwrap();
-        let policy: i32 = stat_field(&stat, 41).unwrap().parse().unwrap();
         let _ = child.kill();
         let _ = child.wait();
         assert_eq!(nice, 7, "{stat}");
-        assert_eq!(policy, libc::SCHED_BATCH, "{stat}");
     }
 
     fn frame(dst: [u8; 6], src: [u8; 6], body: &[u8]) -> Vec<u8> {
