@@ -439,29 +439,32 @@ pub fn reencrypt_in_progress(dump: &str) -> bool {
         || dump.contains(": reencrypt")
 }
 
-/// Token ids of clevis tokens in a `cryptsetup luksDump`.
-pub fn clevis_tokens(dump: &str) -> Vec<u32> {
-    let mut in_tokens = false;
+/// The numbered entries of one section of a `cryptsetup luksDump` ("Keyslots:", "Tokens:"):
+/// (number, kind) for each "  0: luks2" line, the lines indented deeper skipped.
+fn dump_entries<'a>(dump: &'a str, section: &str) -> Vec<(u32, &'a str)> {
+    let mut inside = false;
     let mut v = Vec::new();
     for l in dump.lines() {
-        if l.starts_with("Tokens:") {
-            in_tokens = true;
+        if !l.is_empty() && !l.starts_with(char::is_whitespace) {
+            inside = l.trim_end() == section;
             continue;
         }
-        if in_tokens && !l.starts_with(char::is_whitespace) && !l.is_empty() {
-            in_tokens = false;
-        }
-        if in_tokens {
-            if let Some((id, kind)) = l.trim().split_once(':') {
-                if kind.trim() == "clevis" {
-                    if let Ok(n) = id.trim().parse() {
-                        v.push(n);
-                    }
-                }
+        if let Some((n, kind)) = l.trim().split_once(':').filter(|_| inside) {
+            if let Ok(n) = n.parse() {
+                v.push((n, kind.trim()));
             }
         }
     }
     v
+}
+
+/// Token ids of clevis tokens in a `cryptsetup luksDump`.
+pub fn clevis_tokens(dump: &str) -> Vec<u32> {
+    dump_entries(dump, "Tokens:")
+        .into_iter()
+        .filter(|(_, kind)| *kind == "clevis")
+        .map(|(n, _)| n)
+        .collect()
 }
 
 /// The keyslot `cryptsetup open --test-passphrase -v` reports ("Key slot 0 unlocked.").
@@ -673,26 +676,11 @@ pub fn clevis_token(slot: u32, jwe_json: serde_json::Value) -> serde_json::Value
     serde_json::json!({ "type": "clevis", "keyslots": [slot.to_string()], "jwe": jwe_json })
 }
 
-/// The lowest LUKS2 keyslot number (0-31) a `luksDump` does not list, of any kind.
+/// The lowest LUKS2 keyslot number (0-31) a `luksDump` does not list, of any kind ("1:
+/// reencrypt (unbound)" takes its number too).
 pub fn first_free_keyslot(dump: &str) -> Option<u32> {
-    let mut used = std::collections::BTreeSet::new();
-    let mut inside = false;
-    for l in dump.lines() {
-        if !l.starts_with(char::is_whitespace) {
-            inside = l.trim_end() == "Keyslots:";
-            continue;
-        }
-        // "  0: luks2", "  1: reencrypt (unbound)": every kind takes its number.
-        if let Some(n) = l
-            .trim()
-            .split_once(':')
-            .filter(|_| inside)
-            .and_then(|(n, _)| n.parse::<u32>().ok())
-        {
-            used.insert(n);
-        }
-    }
-    (0..32).find(|n| !used.contains(n))
+    let used = dump_entries(dump, "Keyslots:");
+    (0..32).find(|n| !used.iter().any(|(u, _)| u == n))
 }
 
 fn tpm_present(root: &Path) -> bool {
@@ -1504,10 +1492,7 @@ Digests:
         // The image's root: a LUKS2 header (512-byte sectors, as the build writes it) and 1 MiB
         // of ciphertext, behind a 1 MiB gap for the partition table.
         let root = p.join("root.luks");
-        std::fs::write(&root, b"").unwrap();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&root)
+        std::fs::File::create(&root)
             .unwrap()
             .set_len((16 << 20) + (1 << 20))
             .unwrap();
