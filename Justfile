@@ -55,11 +55,7 @@ test-qemu-extended:
 
 # The whole lab cluster: build every image (fixtures for app and collabora), boot it, test it, tear it down.
 lab:
-    cargo build --quiet --bin ncimage
-    ./target/debug/ncimage build --all --quiet --spec "$(qemu-tests/fixtures/build-all target/fixtures)"
-    ./target/debug/ncimage lab up --spec image-specs/lab.toml --images out
-    ./target/debug/ncimage lab test --spec image-specs/lab.toml || (./target/debug/ncimage lab down --spec image-specs/lab.toml; exit 1)
-    ./target/debug/ncimage lab down --spec image-specs/lab.toml
+    scripts/lab
 
 # Benchmarks: cold/warm/template-only builds, boot-to-ready, sizes.
 bench:
